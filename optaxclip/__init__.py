@@ -1,0 +1,33 @@
+"""optaxclip: gradient clipping for JAX, done right."""
+
+import importlib.metadata
+
+from optaxclip._norms import global_norm as global_norm
+from optaxclip._norms import leaf_norms as leaf_norms
+from optaxclip._norms import unitwise_norm as unitwise_norm
+from optaxclip._pipeline import ClipState as ClipState
+from optaxclip._pipeline import GroupClipState as GroupClipState
+from optaxclip._static import adaptive_grad_clip as adaptive_grad_clip
+from optaxclip._static import clip_by_block_rms as clip_by_block_rms
+from optaxclip._static import clip_by_global_norm as clip_by_global_norm
+from optaxclip._static import clip_by_group_norm as clip_by_group_norm
+from optaxclip._static import clip_by_leaf_norm as clip_by_leaf_norm
+from optaxclip._static import clip_by_value as clip_by_value
+from optaxclip._stats import stats as stats
+
+__version__ = importlib.metadata.version("optaxclip")
+
+__all__ = (
+    "ClipState",
+    "GroupClipState",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_group_norm",
+    "clip_by_leaf_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+    "stats",
+    "unitwise_norm",
+)

@@ -1,0 +1,157 @@
+"""The reduce step across devices: which leaves count where, and the one collective.
+
+Policies never call a collective themselves. At trace time `plan` decides, for
+each leaf, on which devices its partial norm counts:
+
+- under `jax.shard_map` with varying-axis types, a leaf that varies over a named
+  axis is sharded over it (its partials add up); a leaf invariant over a named
+  axis is counted once (on index 0 of that axis); a leaf that varies over a mesh
+  axis that is *not* named is refused, since clipping un-reduced per-device
+  gradients is almost always a bug;
+- under `jax.pmap` (or `shard_map(check_vma=False)`), where types carry no such
+  information, every leaf is sharded unless `replicated` marks it.
+
+At run time the reducer combines each device's per-group record (finite norm,
+non-finite count, NaN and inf flags) in a single all-reduce. Each device writes
+its record into its own row of a zero buffer and a max all-reduce hands every
+device every row; the combination (sums, maxima, and an overflow-free p-norm of
+the device norms) is then done locally. Max is exact for non-negative values and
+NaN is never sent (all-reduce max drops NaN on some backends), so the result is
+bit-identical on every device whatever the norm order.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optaxclip import _measure, _tree
+
+AxisName = str | tuple[str, ...]
+
+
+def normalize_axis_name(axis_name: Any, where: str) -> tuple[str, ...] | None:
+    if axis_name is None:
+        return None
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(names, tuple) or not names or not all(isinstance(a, str) for a in names):
+        raise TypeError(
+            f"{where}: `axis_name` must be a string, a non-empty tuple of strings, or None; "
+            f"got {axis_name!r}."
+        )
+    return names
+
+
+def _varying(x: Any) -> frozenset[str]:
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", ()))
+
+
+def _vma_checked(axes: tuple[str, ...]) -> bool:
+    """Whether we are under `shard_map` with varying-axis types (not `pmap`)."""
+    return bool(_varying(lax.axis_index(axes)))
+
+
+def _mesh_axes() -> frozenset[str]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(mesh, "manual_axes", ()) or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where each leaf's partial norm counts, and how per-device records combine.
+
+    Attributes:
+      axes: the named mesh axes, or None on one device / under plain jit.
+      counted: None, or a bool per active leaf: False where this device's copy
+        of the leaf is a replica counted on another device.
+    """
+
+    axes: tuple[str, ...] | None
+    counted: jax.Array | None
+
+    def reducer(self, p: float) -> Callable[[_measure.Local], _measure.Local] | None:
+        if self.axes is None:
+            return None
+        axes = self.axes
+        return lambda local: all_reduce(local, axes, p)
+
+
+def plan(view: _tree.TreeView, axis_name: Any, replicated: Any, where: str) -> Plan:
+    axes = normalize_axis_name(axis_name, where)
+    if axes is None:
+        if replicated is not None:
+            raise ValueError(f"{where}: `replicated` only has a meaning with `axis_name`.")
+        return Plan(None, None)
+    marks: list[Any] = [None] * len(view.leaves)
+    if replicated is not None:
+        marks = _tree.broadcast_prefix(
+            replicated,
+            jax.tree_util.tree_unflatten(view.treedef, list(view.leaves)),
+            lambda r: isinstance(r, bool) or r is None,
+            "replicated",
+            where,
+        )
+        for path, mark in zip(view.paths, marks, strict=True):
+            if mark is not None and not isinstance(mark, bool):
+                raise TypeError(
+                    f"{where}: `replicated` must hold bools; got {mark!r} for leaf "
+                    f"{jax.tree_util.keystr(path)}."
+                )
+    try:
+        checked = _vma_checked(axes)
+    except NameError as err:
+        raise ValueError(
+            f"{where}: axis name {axes} is not bound. `axis_name` is for use inside "
+            "`jax.shard_map` or `jax.pmap`; under plain `jax.jit` with sharded arrays, "
+            "leave it None."
+        ) from err
+    unnamed = _mesh_axes() - set(axes)
+    flags = []
+    for i in view.active:
+        path, x, mark = view.paths[i], view.leaves[i], marks[i]
+        if checked:
+            varying = _varying(x)
+            stray = sorted(varying & unnamed)
+            if stray:
+                raise ValueError(
+                    f"{where}: leaf {jax.tree_util.keystr(path) or '<root>'} varies over mesh "
+                    f"axis {stray[0]!r}, which is not in axis_name={axes!r}. Each device would "
+                    "clip by a different norm. Reduce the gradients over that axis first "
+                    f"(e.g. `jax.lax.pmean(grads, {stray[0]!r})`), or add it to `axis_name` "
+                    "if the leaf is sharded over it."
+                )
+            invariant = [a for a in axes if a not in varying]
+            if mark is True:
+                invariant = list(axes)
+        else:
+            invariant = list(axes) if mark else []
+        flag = jnp.bool_(True)
+        for a in invariant:
+            flag &= lax.axis_index(a) == 0
+        flags.append(flag)
+    counted = jnp.stack(flags) if flags else None
+    return Plan(axes, counted)
+
+
+def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measure.Local:
+    """Combines per-device records in one all-reduce; identical on every device."""
+    dtype = local.norm.dtype
+    size = lax.axis_size(axes)
+    record = jnp.stack(
+        [local.norm, local.count.astype(dtype), local.nan.astype(dtype), local.inf.astype(dtype)]
+    )
+    rows = jnp.zeros((size, *record.shape), dtype).at[lax.axis_index(axes)].set(record)
+    rows = lax.pmax(rows, axes)
+    norms = rows[:, 0]
+    norm = jnp.max(norms, axis=0) if math.isinf(p) else _measure.combine(norms, p, axis=0)
+    return _measure.Local(
+        norm=norm,
+        count=jnp.round(jnp.sum(rows[:, 1], axis=0)).astype(jnp.int32),
+        nan=jnp.max(rows[:, 2], axis=0) > 0,
+        inf=jnp.max(rows[:, 3], axis=0) > 0,
+    )

@@ -1,0 +1,283 @@
+"""The measure step: partial sums in float32 in one pass, and a rescue for overflow.
+
+The common path is one reduction per leaf (the sum of |x|^p, or max |x|) and a
+sum across leaves, all in the accumulation dtype (float32, or float64 for
+float64 leaves). Its result is trusted when it is finite and not so small that
+squares could have underflowed; otherwise, under one `lax.cond`, a rescue path
+measures again: per leaf the largest finite magnitude M, the count of
+non-finite elements, then sum((|x| / M)^p), which neither overflows nor
+underflows. So fp16 values of 300 and float32 values near 1e30 get the right
+norm, while well-scaled gradients pay for exactly one pass.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# A p-sum below this may have lost elements to underflow (|x|^p below the smallest
+# normal float32); the rescue path measures it again, scaled.
+TINY = 2.0**-64
+
+
+class Local(NamedTuple):
+    """What one device knows about each group: the reduce step combines these.
+
+    Attributes:
+      norm: the norm of the finite elements of each group.
+      count: the number of non-finite elements of each group.
+      nan: whether each group holds a NaN.
+      inf: whether each group holds an infinity.
+    """
+
+    norm: jax.Array
+    count: jax.Array
+    nan: jax.Array
+    inf: jax.Array
+
+
+class Norms(NamedTuple):
+    """Reduced norms of each group.
+
+    Attributes:
+      norm: NaN if the group holds a NaN, else inf if it holds an inf, else its norm.
+      finite: the norm of the group's finite elements.
+      nonfinite: the number of non-finite elements (int32).
+    """
+
+    norm: jax.Array
+    finite: jax.Array
+    nonfinite: jax.Array
+
+
+Reducer = Callable[[Local], Local]
+
+
+def magnitude(x: jax.Array, dtype: Any) -> jax.Array:
+    """|x| in `dtype`; the modulus for complex leaves, with a finite gradient at 0."""
+    if jnp.iscomplexobj(x):
+        sq = jnp.square(x.real.astype(dtype)) + jnp.square(x.imag.astype(dtype))
+        return safe_root(sq, 2.0)
+    return jnp.abs(x.astype(dtype))
+
+
+def _abs_pow(x: jax.Array, p: float, dtype: Any) -> jax.Array:
+    if p == 2:
+        if jnp.iscomplexobj(x):
+            return jnp.square(x.real.astype(dtype)) + jnp.square(x.imag.astype(dtype))
+        return jnp.square(x.astype(dtype))
+    a = magnitude(x, dtype)
+    return a if p == 1 else a**p
+
+
+def power_sum(x: jax.Array, p: float, dtype: Any, axis: Any = None) -> jax.Array:
+    """The common-path partial: sum of |x|^p over `axis` (max |x| when p is inf)."""
+    keepdims = axis is not None
+    if math.isinf(p):
+        return jnp.max(magnitude(x, dtype), axis=axis, keepdims=keepdims, initial=0.0)
+    return jnp.sum(_abs_pow(x, p, dtype), axis=axis, keepdims=keepdims)
+
+
+def safe_root(s: jax.Array, p: float) -> jax.Array:
+    """s^(1/p) for s >= 0, 0 at 0 with a finite gradient there."""
+    positive = s > 0
+    safe = jnp.where(positive, s, 1.0)
+    root = jnp.sqrt(safe) if p == 2 else (safe if p == 1 else safe ** (1.0 / p))
+    return jnp.where(positive, root, 0.0)
+
+
+def safe_divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a / b where b > 0, else 0; the gradient stays finite at b = 0."""
+    positive = b > 0
+    return jnp.where(positive, a / jnp.where(positive, b, 1.0), 0.0)
+
+
+def combine(norms: jax.Array, p: float, axis: Any = None) -> jax.Array:
+    """The p-norm of a vector of norms without overflow: N * ||norms / N||_p with N the max."""
+    if math.isinf(p):
+        return jnp.max(norms, axis=axis, initial=0.0)
+    top = jnp.max(norms, axis=axis, initial=0.0, keepdims=True)
+    rest = jnp.sum(_abs_pow(safe_divide(norms, top), p, norms.dtype), axis=axis, keepdims=True)
+    return jnp.squeeze(top * safe_root(rest, p), axis=axis)
+
+
+def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.Array:
+    if num == 1:
+        return jnp.max(values, keepdims=True) if op == "max" else jnp.sum(values, keepdims=True)
+    if len(segments) == num and np.array_equal(segments, np.arange(num)):
+        return values
+    if op == "max":
+        return jax.ops.segment_max(values, segments, num_segments=num)
+    return jax.ops.segment_sum(values, segments, num_segments=num)
+
+
+def _rescue(
+    arrays: Sequence[jax.Array],
+    segments: np.ndarray,
+    num: int,
+    p: float,
+    dtype: Any,
+    counted: jax.Array | None,
+) -> Local:
+    def only_counted(v: jax.Array) -> jax.Array:
+        return v if counted is None else jnp.where(counted, v, jnp.zeros_like(v))
+
+    finite = [jnp.isfinite(x) for x in arrays]
+    mags = [jnp.where(f, magnitude(x, dtype), 0.0) for x, f in zip(arrays, finite, strict=True)]
+    top = only_counted(jnp.stack([jnp.max(a, initial=0.0) for a in mags]))
+    count = only_counted(jnp.stack([jnp.sum(~f, dtype=jnp.int32) for f in finite]))
+    nan = only_counted(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]))
+    inf = only_counted(jnp.stack([jnp.any(jnp.isinf(x)) for x in arrays]))
+    group_top = jnp.maximum(_segment(top, segments, num, "max"), 0.0)
+    if math.isinf(p):
+        norm = group_top
+    else:
+        scale = group_top[segments]
+        scaled = jnp.stack(
+            [jnp.sum(_abs_pow(safe_divide(a, scale[i]), p, dtype)) for i, a in enumerate(mags)]
+        )
+        norm = group_top * safe_root(_segment(only_counted(scaled), segments, num, "sum"), p)
+    return Local(
+        norm=norm,
+        count=_segment(count, segments, num, "sum"),
+        nan=_segment(nan, segments, num, "max"),
+        inf=_segment(inf, segments, num, "max"),
+    )
+
+
+def local_group_norms(
+    arrays: Sequence[jax.Array],
+    segments: Sequence[int],
+    num: int,
+    p: float,
+    dtype: Any,
+    counted: jax.Array | None = None,
+) -> Local:
+    """Per-group norms of this device's leaves: one pass, rescued by one `lax.cond`.
+
+    Args:
+      arrays: the leaves.
+      segments: the group of each leaf.
+      num: the number of groups.
+      p: the norm order (`math.inf` for the max-norm).
+      dtype: the accumulation dtype.
+      counted: optional bool per leaf; a leaf marked False adds nothing (it is
+        counted on another device).
+    """
+    segments = np.asarray(segments, dtype=np.int32)
+    if not arrays:
+        zeros = jnp.zeros([num], dtype)
+        return Local(zeros, jnp.zeros([num], jnp.int32), zeros > 0, zeros > 0)
+    partials = jnp.stack([power_sum(x, p, dtype) for x in arrays])
+    if counted is not None:
+        partials = jnp.where(counted, partials, 0.0)
+    op = "max" if math.isinf(p) else "sum"
+    totals = _segment(partials, segments, num, op)
+    trusted = jnp.isfinite(totals)
+    if not math.isinf(p):
+        trusted &= totals >= TINY
+
+    def common() -> Local:
+        no = jnp.zeros([num], bool)
+        return Local(safe_root(totals, p), jnp.zeros([num], jnp.int32), no, no)
+
+    return lax.cond(
+        jnp.all(trusted), common, lambda: _rescue(arrays, segments, num, p, dtype, counted)
+    )
+
+
+def finish(local: Local) -> Norms:
+    norm = jnp.where(local.nan, jnp.nan, jnp.where(local.inf, jnp.inf, local.norm))
+    return Norms(norm=norm, finite=local.norm, nonfinite=local.count.astype(jnp.int32))
+
+
+def group_norms(
+    arrays: Sequence[jax.Array],
+    segments: Sequence[int],
+    num: int,
+    p: float,
+    dtype: Any,
+    counted: jax.Array | None = None,
+    reduce: Reducer | None = None,
+) -> Norms:
+    """Measure and reduce: the norms of `num` groups of leaves, combined across devices."""
+    local = local_group_norms(arrays, segments, num, p, dtype, counted)
+    if reduce is not None:
+        local = reduce(local)
+    return finish(local)
+
+
+def default_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The unit axes AGC uses by default, by rank, as in `optax.transforms.unitwise_norm`."""
+    squeezed = sum(1 for d in shape if d != 1)
+    if squeezed <= 1:
+        return tuple(range(len(shape)))
+    if len(shape) in (2, 3):
+        return (0,)
+    if len(shape) == 4:
+        return (0, 1, 2)
+    if len(shape) == 5:
+        return (0, 1, 2, 3)
+    raise ValueError(
+        f"unitwise_norm: no default unit axes for shape {shape} (rank {len(shape)}); pass "
+        "`axis` to name the axes a unit spans."
+    )
+
+
+def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not isinstance(a, int | np.integer) or not -ndim <= a < max(ndim, 1):
+            raise ValueError(f"unitwise_norm: axis {a!r} is out of range for rank {ndim}.")
+        out.append(int(a) % max(ndim, 1))
+    return tuple(sorted(set(out)))
+
+
+class UnitNorms(NamedTuple):
+    """Per-unit L2 norms of each leaf (kept dims), with the count of non-finite elements."""
+
+    norms: list[jax.Array]
+    nonfinite: jax.Array
+
+
+def unit_norms(
+    arrays: Sequence[jax.Array],
+    axes: Sequence[tuple[int, ...]],
+    dtype: Any,
+    rescue_tiny: bool,
+) -> UnitNorms:
+    """L2 norms over `axes` of each leaf, NaN/inf propagating, rescued by one `lax.cond`.
+
+    With `rescue_tiny=False` only overflow is rescued: the policies that use it
+    compare unit norms with thresholds far above 1e-19, where underflow cannot
+    change a decision, and zero units (unused embedding rows) stay on the fast path.
+    """
+    if not arrays:
+        return UnitNorms([], jnp.zeros([0], jnp.int32))
+    sums = [power_sum(x, 2.0, dtype, axis=ax) for x, ax in zip(arrays, axes, strict=True)]
+    trusted = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
+    if rescue_tiny:
+        trusted &= jnp.all(jnp.stack([jnp.all(s >= TINY) for s in sums]))
+
+    def common() -> UnitNorms:
+        return UnitNorms([safe_root(s, 2.0) for s in sums], jnp.zeros([len(arrays)], jnp.int32))
+
+    def rescue() -> UnitNorms:
+        norms, counts = [], []
+        for x, ax in zip(arrays, axes, strict=True):
+            finite = jnp.isfinite(x)
+            a = jnp.where(finite, magnitude(x, dtype), 0.0)
+            top = jnp.max(a, axis=ax, keepdims=True, initial=0.0)
+            n = top * safe_root(jnp.sum(jnp.square(safe_divide(a, top)), axis=ax, keepdims=True), 2)
+            n = jnp.where(jnp.any(jnp.isinf(x), axis=ax, keepdims=True), jnp.inf, n)
+            n = jnp.where(jnp.any(jnp.isnan(x), axis=ax, keepdims=True), jnp.nan, n)
+            norms.append(n)
+            counts.append(jnp.sum(~finite, dtype=jnp.int32))
+        return UnitNorms(norms, jnp.stack(counts))
+
+    return lax.cond(trusted, common, rescue)

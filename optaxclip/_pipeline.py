@@ -1,0 +1,133 @@
+"""The decide helpers and the apply step shared by every policy, and the states they record."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optaxclip import _checks, _measure, _tree
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Name:
+    """A policy's name, kept in its state as static data: it holds no arrays."""
+
+    value: str
+
+
+class ClipState(NamedTuple):
+    """State of a static clipping policy: what the last step measured and did.
+
+    Attributes:
+      grad_norm: the norm the policy measured this step (float32).
+      clipped: whether this step changed the updates.
+      nonfinite: the number of non-finite elements in this step's updates (int32).
+      name: the policy's name (static; used by `optaxclip.stats`).
+    """
+
+    grad_norm: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+    name: Name
+
+
+class GroupClipState(NamedTuple):
+    """State of `clip_by_group_norm`.
+
+    Attributes:
+      grad_norm: the norm of all groups together this step (float32).
+      clipped: whether this step changed the updates.
+      nonfinite: the number of non-finite elements in this step's updates (int32).
+      group_norm: the norm of each group this step, by label (float32).
+      name: the policy's name (static; used by `optaxclip.stats`).
+    """
+
+    grad_norm: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+    group_norm: dict[str, jax.Array]
+    name: Name
+
+
+def initial_fields() -> dict[str, jax.Array]:
+    return {
+        "grad_norm": jnp.zeros([], jnp.float32),
+        "clipped": jnp.zeros([], bool),
+        "nonfinite": jnp.zeros([], jnp.int32),
+    }
+
+
+def as_scalar(value: Any, dtype: Any) -> jax.Array:
+    return jnp.asarray(value).astype(dtype)
+
+
+def norm_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """min(1, max_norm / norm), and 1 where the norm is zero or not finite.
+
+    Both `jnp.where`s guard the division, so neither the value nor the gradient
+    ever sees 0/0 or x/inf, and `max_norm = 0` gives a scale of exactly 0.
+    """
+    over = jnp.isfinite(norm) & (norm > max_norm)
+    return jnp.where(over, max_norm / jnp.where(over, norm, 1.0), 1.0)
+
+
+def scale_leaf(
+    x: jax.Array, scale: jax.Array, nonfinite: _checks.NonFinite, skip: jax.Array | None
+) -> jax.Array:
+    """Multiplies `x` by `scale` in float32 (or wider) and casts back to `x.dtype`."""
+    dtype = x.dtype
+    work = jnp.promote_types(dtype, _tree.accumulation_dtype(dtype))
+    y = x.astype(work) * scale.astype(_tree.accumulation_dtype(dtype))
+    if nonfinite == "zero":
+        y = jnp.where(jnp.isfinite(x), y, jnp.zeros_like(y))
+    if skip is not None:
+        y = jnp.where(skip, jnp.zeros_like(y), y)
+    return y.astype(dtype)
+
+
+class Decision(NamedTuple):
+    """What a norm-clipping step did."""
+
+    updates: Any
+    grad_norm: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+    norms: jax.Array
+
+
+def total_norm(norms: _measure.Norms, p: float, nonfinite: _checks.NonFinite) -> jax.Array:
+    """The norm of several groups together, NaN/inf as the groups report them."""
+    norm = _measure.combine(norms.finite, p)
+    if nonfinite == "zero":
+        return norm
+    norm = jnp.where(jnp.any(jnp.isinf(norms.norm)), jnp.inf, norm)
+    return jnp.where(jnp.any(jnp.isnan(norms.norm)), jnp.nan, norm)
+
+
+def clip_groups(
+    view: _tree.TreeView,
+    norms: _measure.Norms,
+    segments: Sequence[int],
+    max_norm: jax.Array,
+    p: float,
+    nonfinite: _checks.NonFinite,
+) -> Decision:
+    """Decide and apply for the norm policies: scale each group to at most `max_norm`."""
+    used = norms.finite if nonfinite == "zero" else norms.norm
+    scale = norm_scale(used, max_norm)
+    count = jnp.sum(norms.nonfinite)
+    skip = count > 0 if nonfinite == "skip" else None
+    updates = view.rebuild(
+        [
+            scale_leaf(x, scale[g], nonfinite, skip)
+            for x, g in zip(view.arrays, segments, strict=True)
+        ]
+    )
+    clipped = jnp.any(scale < 1)
+    if nonfinite != "propagate":
+        clipped |= count > 0
+    grad_norm = used[0] if used.shape[0] == 1 else total_norm(norms, p, nonfinite)
+    return Decision(updates, grad_norm.astype(jnp.float32), clipped, count, used)

@@ -1,0 +1,77 @@
+"""`stats`: every optaxclip state in an optimizer state, by name."""
+
+from collections import Counter
+from typing import Any
+
+import jax
+
+from optaxclip._pipeline import Name
+
+
+def _is_clip_state(x: Any) -> bool:
+    return isinstance(x, tuple) and isinstance(getattr(x, "name", None), Name)
+
+
+def _value(x: Any) -> jax.Array:
+    """The array inside `x`; `flax.nnx.Optimizer` wraps state arrays in variables."""
+    if isinstance(x, jax.Array):
+        return x
+    if hasattr(x, "get_value"):
+        return x.get_value()  # type: ignore[no-any-return]
+    return x[...]  # type: ignore[no-any-return]
+
+
+def _fields(state: Any) -> dict[str, jax.Array]:
+    out = {}
+    for field in state._fields:
+        value = getattr(state, field)
+        if isinstance(value, Name):
+            continue
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                out[f"{field}/{key}"] = _value(sub)
+        else:
+            out[field] = _value(value)
+    return out
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+    """The fields of every optaxclip state found in `opt_state`, by name.
+
+    Searches chains, `optax.inject_hyperparams`, `optax.MultiSteps`, `optax.masked`,
+    `optax.partition` and `flax.nnx.Optimizer` (pass the optimizer or its
+    `opt_state`). With one optaxclip transform the keys are its fields
+    (`grad_norm`, `clipped`, `nonfinite`, ...); with several they are
+    `"{name}/{field}"`, where `name` is the `name=` given at construction or the
+    factory's name, numbered (`clip_by_global_norm_1`, ...) when repeated.
+
+    Args:
+      opt_state: an optimizer state, or an object with an `opt_state` attribute.
+
+    Returns:
+      A dict from key to `jax.Array`; empty when no optaxclip state is present.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optaxclip
+      >>> tx = optax.chain(optaxclip.clip_by_value(1.0, name="value"),
+      ...                  optaxclip.clip_by_global_norm(1.0, name="norm"))
+      >>> _, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
+      >>> sorted(optaxclip.stats(state))[:3]
+      ['norm/clipped', 'norm/grad_norm', 'norm/nonfinite']
+    """
+    if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
+        opt_state = opt_state.opt_state
+    found = [
+        x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_clip_state) if _is_clip_state(x)
+    ]
+    if len(found) == 1:
+        return _fields(found[0])
+    seen: Counter[str] = Counter()
+    out = {}
+    for state in found:
+        base = state.name.value
+        name = base if seen[base] == 0 else f"{base}_{seen[base]}"
+        seen[base] += 1
+        for key, value in _fields(state).items():
+            out[f"{name}/{key}"] = value
+    return out
