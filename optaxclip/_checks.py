@@ -81,7 +81,7 @@ def parse_ord(ord: Any, where: str) -> float:
 def check_nonfinite(mode: Any, where: str) -> NonFinite:
     if mode not in NONFINITE_MODES:
         raise ValueError(f"{where}: `nonfinite` must be one of {NONFINITE_MODES}, got {mode!r}.")
-    return mode  # type: ignore[no-any-return]
+    return mode
 
 
 def check_static(value: Any, arg: str, where: str) -> None:

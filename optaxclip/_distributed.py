@@ -143,7 +143,12 @@ def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measu
     dtype = local.norm.dtype
     size = lax.axis_size(axes)
     record = jnp.stack(
-        [local.norm, local.count.astype(dtype), local.nan.astype(dtype), local.inf.astype(dtype)]
+        [
+            local.norm,
+            local.nonfinite.astype(dtype),
+            local.nan.astype(dtype),
+            local.inf.astype(dtype),
+        ]
     )
     rows = jnp.zeros((size, *record.shape), dtype).at[lax.axis_index(axes)].set(record)
     rows = lax.pmax(rows, axes)
@@ -151,7 +156,7 @@ def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measu
     norm = jnp.max(norms, axis=0) if math.isinf(p) else _measure.combine(norms, p, axis=0)
     return _measure.Local(
         norm=norm,
-        count=jnp.round(jnp.sum(rows[:, 1], axis=0)).astype(jnp.int32),
+        nonfinite=jnp.round(jnp.sum(rows[:, 1], axis=0)).astype(jnp.int32),
         nan=jnp.max(rows[:, 2], axis=0) > 0,
         inf=jnp.max(rows[:, 3], axis=0) > 0,
     )

@@ -29,13 +29,13 @@ class Local(NamedTuple):
 
     Attributes:
       norm: the norm of the finite elements of each group.
-      count: the number of non-finite elements of each group.
+      nonfinite: the number of non-finite elements of each group.
       nan: whether each group holds a NaN.
       inf: whether each group holds an infinity.
     """
 
     norm: jax.Array
-    count: jax.Array
+    nonfinite: jax.Array
     nan: jax.Array
     inf: jax.Array
 
@@ -143,7 +143,7 @@ def _rescue(
         norm = group_top * safe_root(_segment(only_counted(scaled), segments, num, "sum"), p)
     return Local(
         norm=norm,
-        count=_segment(count, segments, num, "sum"),
+        nonfinite=_segment(count, segments, num, "sum"),
         nan=_segment(nan, segments, num, "max"),
         inf=_segment(inf, segments, num, "max"),
     )
@@ -168,7 +168,7 @@ def local_group_norms(
       counted: optional bool per leaf; a leaf marked False adds nothing (it is
         counted on another device).
     """
-    segments = np.asarray(segments, dtype=np.int32)
+    seg = np.asarray(segments, dtype=np.int32)
     if not arrays:
         zeros = jnp.zeros([num], dtype)
         return Local(zeros, jnp.zeros([num], jnp.int32), zeros > 0, zeros > 0)
@@ -176,7 +176,7 @@ def local_group_norms(
     if counted is not None:
         partials = jnp.where(counted, partials, 0.0)
     op = "max" if math.isinf(p) else "sum"
-    totals = _segment(partials, segments, num, op)
+    totals = _segment(partials, seg, num, op)
     trusted = jnp.isfinite(totals)
     if not math.isinf(p):
         trusted &= totals >= TINY
@@ -185,14 +185,12 @@ def local_group_norms(
         no = jnp.zeros([num], bool)
         return Local(safe_root(totals, p), jnp.zeros([num], jnp.int32), no, no)
 
-    return lax.cond(
-        jnp.all(trusted), common, lambda: _rescue(arrays, segments, num, p, dtype, counted)
-    )
+    return lax.cond(jnp.all(trusted), common, lambda: _rescue(arrays, seg, num, p, dtype, counted))
 
 
 def finish(local: Local) -> Norms:
     norm = jnp.where(local.nan, jnp.nan, jnp.where(local.inf, jnp.inf, local.norm))
-    return Norms(norm=norm, finite=local.norm, nonfinite=local.count.astype(jnp.int32))
+    return Norms(norm=norm, finite=local.norm, nonfinite=local.nonfinite.astype(jnp.int32))
 
 
 def group_norms(

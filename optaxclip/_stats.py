@@ -17,8 +17,8 @@ def _value(x: Any) -> jax.Array:
     if isinstance(x, jax.Array):
         return x
     if hasattr(x, "get_value"):
-        return x.get_value()  # type: ignore[no-any-return]
-    return x[...]  # type: ignore[no-any-return]
+        return x.get_value()
+    return x[...]
 
 
 def _fields(state: Any) -> dict[str, jax.Array]:

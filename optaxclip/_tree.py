@@ -95,7 +95,8 @@ def broadcast_prefix(
             tree,
             is_leaf=is_leaf,
         )
-        return list(jax.tree_util.tree_structure(tree).flatten_up_to(full))
+        treedef = jax.tree_util.tree_structure(tree)
+        return list(treedef.flatten_up_to(full))  # type: ignore[attr-defined]
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"{where}: `{what}` must be a tree prefix of the updates "
