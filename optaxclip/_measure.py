@@ -83,7 +83,9 @@ def power_sum(x: jax.Array, p: float, dtype: Any, axis: Any = None) -> jax.Array
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
-    """s^(1/p) for s >= 0, 0 at 0 with a finite gradient there."""
+    """s^(1/p) for s >= 0 (s itself for the max-norm), 0 at 0 with a finite gradient there."""
+    if math.isinf(p):
+        return s
     positive = s > 0
     safe = jnp.where(positive, s, 1.0)
     root = jnp.sqrt(safe) if p == 2 else (safe if p == 1 else safe ** (1.0 / p))
@@ -143,7 +145,7 @@ def _rescue(
         norm = group_top * safe_root(_segment(only_counted(scaled), segments, num, "sum"), p)
     return Local(
         norm=norm,
-        nonfinite=_segment(count, segments, num, "sum"),
+        nonfinite=_segment(count, segments, num, "sum").astype(jnp.int32),
         nan=_segment(nan, segments, num, "max"),
         inf=_segment(inf, segments, num, "max"),
     )

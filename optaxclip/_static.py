@@ -278,9 +278,9 @@ def clip_by_group_norm(
             tree_labels, tree, lambda x: isinstance(x, str), "labels", where
         )
 
-    def group_names(tree: Any) -> list[str]:
-        view = _tree.view(tree, where)
-        found = leaf_labels(tree)
+    def group_names(params: Any) -> list[str]:
+        view = _tree.view(params, where, strict=False)
+        found = leaf_labels(params)
         names = sorted(
             set(_check_labels([found[i] for i in view.active], view.active_paths, where))
         )

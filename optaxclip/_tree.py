@@ -64,8 +64,12 @@ class TreeView:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
-def view(tree: Any, where: str) -> TreeView:
-    """Flattens `tree`, raising `TypeError` on an integer or bool leaf, naming its path."""
+def view(tree: Any, where: str, strict: bool = True) -> TreeView:
+    """Flattens `tree`, raising `TypeError` on an integer or bool leaf, naming its path.
+
+    With `strict=False` such leaves are left out instead: parameters may hold
+    integer leaves (counters) whose gradients are `float0`.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = tuple(path for path, _ in flat)
     leaves = tuple(x for _, x in flat)
@@ -75,6 +79,8 @@ def view(tree: Any, where: str) -> TreeView:
         if dtype == jax.dtypes.float0:
             continue
         if not jnp.issubdtype(dtype, jnp.inexact):
+            if not strict:
+                continue
             raise TypeError(
                 f"{where}: leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; "
                 "only floating-point and complex leaves can be clipped. Cast it, or exclude "
