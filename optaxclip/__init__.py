@@ -2,6 +2,16 @@
 
 import importlib.metadata
 
+from optaxclip._adaptive import AdaGCState as AdaGCState
+from optaxclip._adaptive import AutoClipState as AutoClipState
+from optaxclip._adaptive import QuantileClipState as QuantileClipState
+from optaxclip._adaptive import ZClipState as ZClipState
+from optaxclip._adaptive import adagc as adagc
+from optaxclip._adaptive import autoclip as autoclip
+from optaxclip._adaptive import quantile_clip as quantile_clip
+from optaxclip._adaptive import zclip as zclip
+from optaxclip._guard import GuardState as GuardState
+from optaxclip._guard import guard as guard
 from optaxclip._norms import global_norm as global_norm
 from optaxclip._norms import leaf_norms as leaf_norms
 from optaxclip._norms import unitwise_norm as unitwise_norm
@@ -18,16 +28,26 @@ from optaxclip._stats import stats as stats
 __version__ = importlib.metadata.version("optaxclip")
 
 __all__ = (
+    "AdaGCState",
+    "AutoClipState",
     "ClipState",
     "GroupClipState",
+    "GuardState",
+    "QuantileClipState",
+    "ZClipState",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_group_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
     "global_norm",
+    "guard",
     "leaf_norms",
+    "quantile_clip",
     "stats",
     "unitwise_norm",
+    "zclip",
 )

@@ -21,11 +21,21 @@ def _value(x: Any) -> jax.Array:
     return x[...]
 
 
+def _find(tree: Any) -> list[Any]:
+    """Every optaxclip state in `tree`, outer before inner (`guard` holds its inner state)."""
+    found = []
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_clip_state):
+        if _is_clip_state(x):
+            found.append(x)
+            found.extend(_find([getattr(x, f) for f in x._fields if f == "inner_state"]))
+    return found
+
+
 def _fields(state: Any) -> dict[str, jax.Array]:
     out = {}
     for field in state._fields:
         value = getattr(state, field)
-        if isinstance(value, Name):
+        if isinstance(value, Name) or field == "inner_state":
             continue
         if isinstance(value, dict):
             for key, sub in value.items():
