@@ -71,9 +71,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     """
     if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state
-    found = [
-        x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_clip_state) if _is_clip_state(x)
-    ]
+    found = _find(opt_state)
     if len(found) == 1:
         return _fields(found[0])
     seen: Counter[str] = Counter()
