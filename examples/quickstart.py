@@ -22,9 +22,9 @@ def init_params(key: jax.Array, hidden: int = 32) -> dict[str, jax.Array]:
     k1, k2 = jax.random.split(key)
     return {
         "w1": jax.random.normal(k1, (1, hidden)),
-        "b1": jnp.zeros(hidden),
+        "b1": jnp.zeros((1, hidden)),
         "w2": jax.random.normal(k2, (hidden, 1)) / jnp.sqrt(hidden),
-        "b2": jnp.zeros(1),
+        "b2": jnp.zeros((1, 1)),
     }
 
 
