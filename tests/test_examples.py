@@ -25,3 +25,17 @@ def test_quickstart_clips_the_spike_and_reports_it() -> None:
     assert spike["clipped"] and spike["grad_norm"] > 50
     assert all(row["nonfinite"] == 0 for row in log)
     assert log[5]["loss"] < log[0]["loss"]
+
+
+def test_spike_robustness_separates_fixed_from_scale_free(tmp_path: Path) -> None:
+    png = tmp_path / "spikes.png"
+    only = ["--only", "optax clip 1.0", "zclip", "guard z=4"]
+    losses = load("spike_robustness.py").main(
+        ["--steps", "400", "--seeds", "1", "--out", str(png), *only]
+    )
+    fixed_small, fixed_one, _ = losses["optax clip 1.0"]
+    assert fixed_small > 10 * fixed_one
+    for name in ("zclip", "guard z=4"):
+        assert max(losses[name]) < 2 * min(losses[name])
+        assert losses[name][0] < fixed_small / 10
+    assert png.stat().st_size > 10_000
