@@ -311,11 +311,10 @@ def zclip(
         _checks.check_threshold(max_norm, "max_norm", where)
 
     def initial() -> ZClipState:
-        zero = jnp.zeros([], jnp.float32)
         return ZClipState(
             **_base_fields(),
-            mean=zero,
-            var=zero,
+            mean=jnp.zeros([], jnp.float32),
+            var=jnp.zeros([], jnp.float32),
             step_count=jnp.zeros([], jnp.int32),
             name=Name(where),
         )
@@ -399,7 +398,7 @@ def quantile_clip(
     def initial() -> QuantileClipState:
         return QuantileClipState(
             **_base_fields(),
-            clip_norm=_f32(initial_norm),
+            clip_norm=jnp.array(initial_norm, jnp.float32),
             step_count=jnp.zeros([], jnp.int32),
             name=Name(where),
         )

@@ -119,17 +119,16 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> GuardState:
-        int_zero = jnp.zeros([], jnp.int32)
-        zero = jnp.zeros([], jnp.float32)
+        # Distinct arrays per field, so that the state can be donated to a jitted step.
         return GuardState(
             **_pipeline.initial_fields(),
             skipped=jnp.zeros([], bool),
-            skip_count=int_zero,
-            forced_count=int_zero,
-            consecutive=int_zero,
-            good_steps=int_zero,
-            mean=zero,
-            second_moment=zero,
+            skip_count=jnp.zeros([], jnp.int32),
+            forced_count=jnp.zeros([], jnp.int32),
+            consecutive=jnp.zeros([], jnp.int32),
+            good_steps=jnp.zeros([], jnp.int32),
+            mean=jnp.zeros([], jnp.float32),
+            second_moment=jnp.zeros([], jnp.float32),
             inner_state=inner.init(params),
             name=label,
         )

@@ -135,6 +135,16 @@ def test_no_recompile_on_second_call(policy: Policy) -> None:
 
 
 @ALL
+def test_state_can_be_donated(policy: Policy) -> None:
+    tx = policy.make(0.5)
+    step = jax.jit(lambda g, s: tx.update(g, s, PARAMS), donate_argnums=1)
+    state = tx.init(PARAMS)
+    for scale in (3.0, 0.1):
+        _, state = step(make_tree(scale=scale), state)
+    assert float(state.grad_norm) > 0
+
+
+@ALL
 def test_ignores_unknown_extra_args(policy: Policy) -> None:
     tx = policy.make(0.5)
     grads = make_tree(scale=3.0)

@@ -39,3 +39,16 @@ def test_spike_robustness_separates_fixed_from_scale_free(tmp_path: Path) -> Non
         assert max(losses[name]) < 2 * min(losses[name])
         assert losses[name][0] < fixed_small / 10
     assert png.stat().st_size > 10_000
+
+
+def test_demo_smoke(tmp_path: Path) -> None:
+    png = tmp_path / "demo.png"
+    rows = load("demo.py").main(["--smoke", "--devices", "4", "--out", str(png)])
+    assert not rows["no clipping"]["survived"]
+    assert not rows["optax clip_by_global_norm"]["survived"]
+    for name in ("optaxclip clip_by_global_norm", "optaxclip zclip", "optaxclip guard"):
+        assert rows[name]["survived"]
+        assert rows[name]["skipped"] >= 1
+    assert rows["optaxclip zclip"]["clipped"] >= 1
+    assert rows["no clipping"]["clipped"] is None
+    assert png.stat().st_size > 10_000
