@@ -46,7 +46,9 @@ def policies(guard_z: float = 4.0) -> dict[str, Callable[[optax.GradientTransfor
         "autoclip p10": lambda opt: optax.chain(optaxclip.autoclip(10.0, history_size=256), opt),
         "quantile_clip q0.5": lambda opt: optax.chain(optaxclip.quantile_clip(), opt),
         "zclip": lambda opt: optax.chain(optaxclip.zclip(), opt),
-        f"guard z={guard_z:g}": lambda opt: optaxclip.guard(opt, z_threshold=guard_z),
+        f"guard z={guard_z:g}": lambda opt: optaxclip.guard(
+            opt, z_threshold=guard_z, warmup_steps=25
+        ),
     }
 
 
