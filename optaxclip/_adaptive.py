@@ -307,6 +307,11 @@ def zclip(
     _checks.check_threshold(alpha, "alpha", where)
     _checks.check_threshold(z_threshold, "z_threshold", where)
     _checks.check_threshold(warmup_steps, "warmup_steps", where)
+    if not _checks.is_traced(warmup_steps) and float(warmup_steps) < 1:
+        raise ValueError(
+            f"{where}: `warmup_steps` must be at least 1, got {warmup_steps}: μ and σ start "
+            "as the mean and variance of the warm-up norms."
+        )
     if max_norm is not None:
         _checks.check_threshold(max_norm, "max_norm", where)
 

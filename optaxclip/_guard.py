@@ -25,7 +25,8 @@ class GuardState(NamedTuple):
       consecutive: the number of bad steps in a row just before this one (int32).
       good_steps: the number of good steps so far (int32).
       mean: μ, the EMA of the norm of good steps.
-      second_moment: m₂, the EMA of the squared norm of good steps.
+      var: σ² = m₂ − μ², with m₂ the EMA of the squared norm of good steps, kept in the
+        cancellation-free form σ² ← ασ² + α(1−α)(n − μ)², equal to it in exact arithmetic.
       inner_state: the state of the wrapped transform.
       name: the guard's name (static).
     """
@@ -39,7 +40,7 @@ class GuardState(NamedTuple):
     consecutive: jax.Array
     good_steps: jax.Array
     mean: jax.Array
-    second_moment: jax.Array
+    var: jax.Array
     inner_state: Any
     name: Name
 
@@ -73,15 +74,15 @@ def guard(
     σ = sqrt(max(m₂ − μ², 0)). The inner transform never sees a bad step, so
     Adam's moments are never fed a NaN or a spike. After `max_consecutive` bad
     steps in a row the next one is applied regardless (counted in
-    `forced_count`; a finite forced step also updates μ and m₂, so the guard
-    follows a lasting change of scale).
+    `forced_count`); being bad, it does not move μ and m₂. Spike detection needs
+    at least one good step, whatever `warmup_steps`.
 
     Args:
       inner: the transform to protect (typically the whole optimizer).
       nonfinite: skip steps with a NaN or inf element.
       max_norm: skip steps whose norm exceeds this (default: no limit).
       z_threshold: skip spikes more than this many σ above μ (default: off).
-      alpha: the EMA factor of μ and m₂.
+      alpha: the EMA factor of μ and m₂ (m₂ enters through σ²).
       warmup_steps: good steps before spike detection starts.
       max_consecutive: apply a step after this many skips in a row (default: never).
       axis_name: under `shard_map`/`pmap`, the mesh axis (or axes) of the updates,
@@ -128,7 +129,7 @@ def guard(
             consecutive=jnp.zeros([], jnp.int32),
             good_steps=jnp.zeros([], jnp.int32),
             mean=jnp.zeros([], jnp.float32),
-            second_moment=jnp.zeros([], jnp.float32),
+            var=jnp.zeros([], jnp.float32),
             inner_state=inner.init(params),
             name=label,
         )
@@ -149,8 +150,8 @@ def guard(
         if max_norm is not None:
             bad |= norm > jnp.asarray(max_norm).astype(jnp.float32)
         if z_threshold is not None:
-            sigma = jnp.sqrt(jnp.maximum(state.second_moment - jnp.square(state.mean), 0.0))
-            warm = state.good_steps >= jnp.asarray(warmup_steps)
+            sigma = jnp.sqrt(jnp.maximum(state.var, 0.0))
+            warm = state.good_steps >= jnp.maximum(jnp.asarray(warmup_steps), 1)
             spike = norm - state.mean > jnp.asarray(z_threshold).astype(jnp.float32) * sigma
             bad |= warm & spike
         forced = jnp.bool_(False)
@@ -168,11 +169,11 @@ def guard(
             return zeros, state.inner_state
 
         new_updates, inner_state = lax.cond(apply, run_inner, skip)
-        learn = apply & jnp.isfinite(norm)
+        learn = ~bad & jnp.isfinite(norm)
         a = jnp.asarray(alpha).astype(jnp.float32)
         first = state.good_steps == 0
         mean = jnp.where(first, norm, a * state.mean + (1 - a) * norm)
-        second = jnp.where(first, norm * norm, a * state.second_moment + (1 - a) * norm * norm)
+        var = jnp.where(first, 0.0, a * state.var + a * (1 - a) * jnp.square(norm - state.mean))
         return new_updates, state._replace(
             grad_norm=norm,
             clipped=~apply,
@@ -185,7 +186,7 @@ def guard(
             consecutive=jnp.where(apply, 0, optax.safe_increment(state.consecutive)),
             good_steps=jnp.where(learn, optax.safe_increment(state.good_steps), state.good_steps),
             mean=jnp.where(learn, mean, state.mean),
-            second_moment=jnp.where(learn, second, state.second_moment),
+            var=jnp.where(learn, var, state.var),
             inner_state=inner_state,
         )
 
