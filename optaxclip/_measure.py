@@ -10,6 +10,7 @@ underflows. So fp16 values of 300 and float32 values near 1e30 get the right
 norm, while well-scaled gradients pay for exactly one pass.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -170,6 +171,23 @@ def local_group_norms(
       counted: optional bool per leaf; a leaf marked False adds nothing (it is
         counted on another device).
     """
+    return _local_group_norms(
+        list(arrays), counted, segments=tuple(segments), num=num, p=p, dtype=np.dtype(dtype)
+    )
+
+
+# Jitted so that eager calls compile the `lax.cond` once per shape, not once per call;
+# under an outer `jit` it is inlined.
+@functools.partial(jax.jit, static_argnames=("segments", "num", "p", "dtype"))
+def _local_group_norms(
+    arrays: list[jax.Array],
+    counted: jax.Array | None,
+    *,
+    segments: tuple[int, ...],
+    num: int,
+    p: float,
+    dtype: np.dtype,
+) -> Local:
     seg = np.asarray(segments, dtype=np.int32)
     if not arrays:
         zeros = jnp.zeros([num], dtype)
@@ -257,6 +275,22 @@ def unit_norms(
     compare unit norms with thresholds far above 1e-19, where underflow cannot
     change a decision, and zero units (unused embedding rows) stay on the fast path.
     """
+    return _unit_norms(
+        list(arrays),
+        axes=tuple(tuple(a) for a in axes),
+        dtype=np.dtype(dtype),
+        rescue_tiny=rescue_tiny,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "dtype", "rescue_tiny"))
+def _unit_norms(
+    arrays: list[jax.Array],
+    *,
+    axes: tuple[tuple[int, ...], ...],
+    dtype: np.dtype,
+    rescue_tiny: bool,
+) -> UnitNorms:
     if not arrays:
         return UnitNorms([], jnp.zeros([0], jnp.int32))
     sums = [power_sum(x, 2.0, dtype, axis=ax) for x, ax in zip(arrays, axes, strict=True)]

@@ -64,14 +64,15 @@ def as_scalar(value: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(value).astype(dtype)
 
 
-def norm_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
-    """min(1, max_norm / norm), and 1 where the norm is zero or not finite.
+def norm_scale(norm: jax.Array, max_norm: jax.Array, divisor_floor: float = 0.0) -> jax.Array:
+    """min(1, max_norm / max(norm, divisor_floor)), and 1 where the norm is zero or not finite.
 
     Both `jnp.where`s guard the division, so neither the value nor the gradient
     ever sees 0/0 or x/inf, and `max_norm = 0` gives a scale of exactly 0.
     """
     over = jnp.isfinite(norm) & (norm > max_norm)
-    return jnp.where(over, max_norm / jnp.where(over, norm, 1.0), 1.0)
+    divisor = jnp.maximum(norm, divisor_floor) if divisor_floor else norm
+    return jnp.where(over, max_norm / jnp.where(over, divisor, 1.0), 1.0)
 
 
 def scale_leaf(

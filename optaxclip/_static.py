@@ -351,9 +351,10 @@ def _unit_clip(
     limits: list[jax.Array],
     state: ClipState,
     nonfinite: jax.Array,
+    divisor_floor: float = 0.0,
 ) -> tuple[Any, ClipState]:
     """Apply for the unit-wise policies: each unit scaled to at most its limit."""
-    scales = [_pipeline.norm_scale(n, m) for n, m in zip(norms, limits, strict=True)]
+    scales = [_pipeline.norm_scale(n, m, divisor_floor) for n, m in zip(norms, limits, strict=True)]
     updates = view.rebuild(
         [
             _pipeline.scale_leaf(x, s, "propagate", None)
@@ -416,6 +417,11 @@ def clip_by_block_rms(
         return _unit_clip(view, units.norms, limits, state, units.nonfinite)
 
     return _norm_policy(where, name, update)
+
+
+# As optax's `unitwise_clip`: a unit norm below this is divided as if it were this, so
+# results match `optax.adaptive_grad_clip` when `clipping * max(|w|, eps)` is below it.
+AGC_DIVISOR_FLOOR = 1e-6
 
 
 def _is_axes(a: Any) -> bool:
@@ -511,6 +517,8 @@ def adaptive_grad_clip(
             dtype = _tree.accumulation_dtype(x.dtype)
             floor = jnp.maximum(w_norm.astype(dtype), _pipeline.as_scalar(eps, dtype))
             limits.append(_pipeline.as_scalar(clipping, dtype) * floor)
-        return _unit_clip(view, units.norms[:count], limits, state, units.nonfinite[:count])
+        return _unit_clip(
+            view, units.norms[:count], limits, state, units.nonfinite[:count], AGC_DIVISOR_FLOOR
+        )
 
     return _norm_policy(where, name, update)
