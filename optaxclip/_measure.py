@@ -24,6 +24,9 @@ from jax import lax
 # normal float32); the rescue path measures it again, scaled.
 TINY = 2.0**-64
 
+# The rescue path measures leaves again in chunks of at most this many elements.
+RESCUE_CHUNK = 2**22
+
 
 class Local(NamedTuple):
     """What one device knows about each group: the reduce step combines these.
@@ -59,10 +62,11 @@ Reducer = Callable[[Local], Local]
 
 
 def magnitude(x: jax.Array, dtype: Any) -> jax.Array:
-    """|x| in `dtype`; the modulus for complex leaves, with a finite gradient at 0."""
+    """|x| in `dtype`; the modulus of a complex leaf, overflow-free, finite gradient at 0."""
     if jnp.iscomplexobj(x):
-        sq = jnp.square(x.real.astype(dtype)) + jnp.square(x.imag.astype(dtype))
-        return safe_root(sq, 2.0)
+        work = x.astype(jnp.promote_types(x.dtype, dtype))
+        zero = work == 0
+        return jnp.where(zero, 0.0, jnp.abs(jnp.where(zero, 1.0, work))).astype(dtype)
     return jnp.abs(x.astype(dtype))
 
 
@@ -80,7 +84,28 @@ def power_sum(x: jax.Array, p: float, dtype: Any, axis: Any = None) -> jax.Array
     keepdims = axis is not None
     if math.isinf(p):
         return jnp.max(magnitude(x, dtype), axis=axis, keepdims=keepdims, initial=0.0)
+    if p not in (1, 2) and axis is None and not jnp.iscomplexobj(x):
+        return _real_power_sum(x, p, np.dtype(dtype))
     return jnp.sum(_abs_pow(x, p, dtype), axis=axis, keepdims=keepdims)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _real_power_sum(x: jax.Array, p: float, dtype: np.dtype) -> jax.Array:
+    return jnp.sum(_abs_pow(x, p, dtype))
+
+
+@_real_power_sum.defjvp
+def _real_power_sum_jvp(
+    p: float, dtype: np.dtype, primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    # When the sum overflows the rescue path takes over; its derivative p|x|^(p-1) may
+    # overflow too, and the zero cotangent it then receives would make 0 * inf = NaN.
+    (x,), (t,) = primals, tangents
+    out = _real_power_sum(x, p, dtype)
+    xs = x.astype(dtype)
+    slope = p * jnp.abs(xs) ** (p - 1) * jnp.sign(xs)
+    slope = jnp.where(jnp.isfinite(out), slope, 0.0)
+    return out, jnp.sum(slope * t.astype(dtype))
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -93,19 +118,28 @@ def safe_root(s: jax.Array, p: float) -> jax.Array:
     return jnp.where(positive, root, 0.0)
 
 
-def safe_divide(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a / b where b > 0, else 0; the gradient stays finite at b = 0."""
-    positive = b > 0
-    return jnp.where(positive, a / jnp.where(positive, b, 1.0), 0.0)
+def scaled_norm(a: jax.Array, top: jax.Array, p: float, axis: Any, dtype: Any) -> jax.Array:
+    """||a||_p for a >= 0 with max `top`, neither overflowing nor underflowing.
+
+    `a` is scaled by the power of two 2^-e that brings `top` into [0.5, 1), summed,
+    and the root scaled back by 2^e. Powers of two are exact, and a multiplication
+    never makes the denormals that x / top can: XLA on CPU divides by way of the
+    reciprocal, and 1 / 1e38 flushes to zero.
+    """
+    _, exponent = jnp.frexp(top)
+    info = jnp.finfo(top.dtype)
+    exponent = jnp.clip(exponent, -(info.maxexp - 1), -info.minexp)
+    scale = jnp.ldexp(jnp.ones_like(top), -exponent)
+    root = safe_root(jnp.sum(_abs_pow(a * scale, p, dtype), axis=axis, keepdims=True), p)
+    return jnp.ldexp(root, exponent)
 
 
 def combine(norms: jax.Array, p: float, axis: Any = None) -> jax.Array:
-    """The p-norm of a vector of norms without overflow: N * ||norms / N||_p with N the max."""
+    """The p-norm of a vector of norms without overflow."""
     if math.isinf(p):
         return jnp.max(norms, axis=axis, initial=0.0)
     top = jnp.max(norms, axis=axis, initial=0.0, keepdims=True)
-    rest = jnp.sum(_abs_pow(safe_divide(norms, top), p, norms.dtype), axis=axis, keepdims=True)
-    return jnp.squeeze(top * safe_root(rest, p), axis=axis)
+    return jnp.squeeze(scaled_norm(norms, top, p, axis, norms.dtype), axis=axis)
 
 
 def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.Array:
@@ -118,38 +152,73 @@ def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.
     return jax.ops.segment_sum(values, segments, num_segments=num)
 
 
+def _chunks(arrays: Sequence[jax.Array], segments: np.ndarray) -> list[tuple[int, list[int]]]:
+    """Consecutive leaves of one group, packed up to `RESCUE_CHUNK` elements: (group, leaves)."""
+    chunks: list[tuple[int, list[int]]] = []
+    size = 0
+    for i, x in enumerate(arrays):
+        group = int(segments[i])
+        if chunks and chunks[-1][0] == group and size + x.size <= RESCUE_CHUNK:
+            chunks[-1][1].append(i)
+            size += x.size
+        else:
+            chunks.append((group, [i]))
+            size = x.size
+    return chunks
+
+
+def _rescue_chunk(
+    arrays: Sequence[jax.Array], counted: Sequence[jax.Array | None], p: float, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The norm of the finite elements of some leaves, scaled by their largest magnitude so
+    that nothing overflows or underflows, and their count of non-finite elements."""
+    parts = []
+    for x, keep in zip(arrays, counted, strict=True):
+        m = magnitude(x, dtype).ravel()
+        parts.append(m if keep is None else jnp.where(keep, m, 0.0))
+    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    finite = jnp.isfinite(flat)
+    a = jnp.where(finite, flat, 0.0)
+    top = jnp.max(a, initial=0.0)
+    if not math.isinf(p):
+        top = scaled_norm(a, top, p, None, dtype).reshape(())
+    return top, jnp.sum(~finite, dtype=jnp.int32)
+
+
 def _rescue(
     arrays: Sequence[jax.Array],
+    partials: jax.Array,
     segments: np.ndarray,
     num: int,
     p: float,
     dtype: Any,
     counted: jax.Array | None,
 ) -> Local:
-    def only_counted(v: jax.Array) -> jax.Array:
-        return v if counted is None else jnp.where(counted, v, jnp.zeros_like(v))
-
-    finite = [jnp.isfinite(x) for x in arrays]
-    mags = [jnp.where(f, magnitude(x, dtype), 0.0) for x, f in zip(arrays, finite, strict=True)]
-    top = only_counted(jnp.stack([jnp.max(a, initial=0.0) for a in mags]))
-    count = only_counted(jnp.stack([jnp.sum(~f, dtype=jnp.int32) for f in finite]))
-    nan = only_counted(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]))
-    inf = only_counted(jnp.stack([jnp.any(jnp.isinf(x)) for x in arrays]))
-    group_top = jnp.maximum(_segment(top, segments, num, "max"), 0.0)
-    if math.isinf(p):
-        norm = group_top
-    else:
-        scale = group_top[segments]
-        scaled = jnp.stack(
-            [jnp.sum(_abs_pow(safe_divide(a, scale[i]), p, dtype)) for i, a in enumerate(mags)]
+    # Leaves of a group are measured again in chunks of at most RESCUE_CHUNK elements
+    # (small leaves concatenated, large ones alone), and the chunk norms are combined
+    # afterwards. Compile time grows with the number of reductions, so chunks keep a
+    # 2000-leaf tree to a few; the chunk size bounds the memory the copy reserves. The
+    # NaN flags come from the first pass: a leaf's sum of |x|^p (or max) is NaN exactly
+    # when it holds a NaN, and with non-finite elements but no NaN a group holds an inf.
+    chunks = _chunks(arrays, segments)
+    measured = [
+        _rescue_chunk(
+            [arrays[i] for i in leaves],
+            [None if counted is None else counted[i] for i in leaves],
+            p,
+            dtype,
         )
-        norm = group_top * safe_root(_segment(only_counted(scaled), segments, num, "sum"), p)
-    return Local(
-        norm=norm,
-        nonfinite=_segment(count, segments, num, "sum").astype(jnp.int32),
-        nan=_segment(nan, segments, num, "max"),
-        inf=_segment(inf, segments, num, "max"),
-    )
+        for _, leaves in chunks
+    ]
+    owner = np.asarray([group for group, _ in chunks], np.int32)
+    norm = jnp.stack([n for n, _ in measured])
+    if math.isinf(p) or np.array_equal(owner, np.arange(num)):
+        top = jnp.maximum(_segment(norm, owner, num, "max"), 0.0)
+    else:
+        top = jnp.stack([combine(norm[np.flatnonzero(owner == g)], p) for g in range(num)])
+    count = _segment(jnp.stack([c for _, c in measured]), owner, num, "sum").astype(jnp.int32)
+    nan = _segment(jnp.isnan(partials), segments, num, "max")
+    return Local(norm=top, nonfinite=count, nan=nan, inf=(count > 0) & ~nan)
 
 
 def local_group_norms(
@@ -202,10 +271,16 @@ def _local_group_norms(
         trusted &= totals >= TINY
 
     def common() -> Local:
-        no = jnp.zeros([num], bool)
-        return Local(safe_root(totals, p), jnp.zeros([num], jnp.int32), no, no)
+        # zeros_like keeps the totals' varying mesh axes, as the rescue's outputs have them.
+        no = jnp.zeros_like(totals, bool)
+        return Local(safe_root(totals, p), jnp.zeros_like(totals, jnp.int32), no, no)
 
-    return lax.cond(jnp.all(trusted), common, lambda: _rescue(arrays, seg, num, p, dtype, counted))
+    # The rescue reads only the NaN flags of the first pass; without stop_gradient a zero
+    # cotangent would still flow through an overflowed |x|^p, and 0 * inf is NaN.
+    flags = lax.stop_gradient(partials)
+    return lax.cond(
+        jnp.all(trusted), common, lambda: _rescue(arrays, flags, seg, num, p, dtype, counted)
+    )
 
 
 def finish(local: Local) -> Norms:
@@ -294,12 +369,13 @@ def _unit_norms(
     if not arrays:
         return UnitNorms([], jnp.zeros([0], jnp.int32))
     sums = [power_sum(x, 2.0, dtype, axis=ax) for x, ax in zip(arrays, axes, strict=True)]
-    trusted = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
+    finite = jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums])
+    trusted = jnp.all(finite)
     if rescue_tiny:
         trusted &= jnp.all(jnp.stack([jnp.all(s >= TINY) for s in sums]))
 
     def common() -> UnitNorms:
-        return UnitNorms([safe_root(s, 2.0) for s in sums], jnp.zeros([len(arrays)], jnp.int32))
+        return UnitNorms([safe_root(s, 2.0) for s in sums], jnp.zeros_like(finite, jnp.int32))
 
     def rescue() -> UnitNorms:
         norms, counts = [], []
@@ -307,7 +383,7 @@ def _unit_norms(
             finite = jnp.isfinite(x)
             a = jnp.where(finite, magnitude(x, dtype), 0.0)
             top = jnp.max(a, axis=ax, keepdims=True, initial=0.0)
-            n = top * safe_root(jnp.sum(jnp.square(safe_divide(a, top)), axis=ax, keepdims=True), 2)
+            n = scaled_norm(a, top, 2.0, ax, dtype)
             n = jnp.where(jnp.any(jnp.isinf(x), axis=ax, keepdims=True), jnp.inf, n)
             n = jnp.where(jnp.any(jnp.isnan(x), axis=ax, keepdims=True), jnp.nan, n)
             norms.append(n)
