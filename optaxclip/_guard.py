@@ -45,10 +45,10 @@ class GuardState(NamedTuple):
     name: Name
 
 
-def _zeros(s: jax.ShapeDtypeStruct) -> Any:
-    if s.dtype == jax.dtypes.float0:
-        return np.zeros(s.shape, s.dtype)
-    return jnp.zeros(s.shape, s.dtype)
+def _zeros_like(x: Any) -> Any:
+    if x.dtype == jax.dtypes.float0:
+        return np.zeros(x.shape, x.dtype)
+    return jnp.zeros_like(x)
 
 
 def guard(
@@ -162,11 +162,10 @@ def guard(
         def run_inner() -> tuple[Any, Any]:
             return inner.update(updates, state.inner_state, params, **extra_args)
 
-        out_shapes = jax.eval_shape(run_inner)
-
         def skip() -> tuple[Any, Any]:
-            zeros = jax.tree.map(_zeros, out_shapes[0])
-            return zeros, state.inner_state
+            # Zeros shaped and typed (varying mesh axes included) like the inner
+            # transform's output; the inner computation itself is dead code here.
+            return jax.tree.map(_zeros_like, run_inner()[0]), state.inner_state
 
         new_updates, inner_state = lax.cond(apply, run_inner, skip)
         learn = ~bad & jnp.isfinite(norm)

@@ -24,9 +24,6 @@ from jax import lax
 # normal float32); the rescue path measures it again, scaled.
 TINY = 2.0**-64
 
-# The rescue path measures leaves again in chunks of at most this many elements.
-RESCUE_CHUNK = 2**22
-
 
 class Local(NamedTuple):
     """What one device knows about each group: the reduce step combines these.
@@ -118,20 +115,32 @@ def safe_root(s: jax.Array, p: float) -> jax.Array:
     return jnp.where(positive, root, 0.0)
 
 
+def _power_of_two(exponent: jax.Array, dtype: np.dtype) -> jax.Array:
+    """2^(exponent - bias) built from its bits; `exponent` is a biased exponent field."""
+    info = np.finfo(dtype)
+    bits = jnp.uint32 if info.bits == 32 else jnp.uint64
+    return lax.bitcast_convert_type(exponent.astype(bits) << info.nmant, dtype)
+
+
 def scaled_norm(a: jax.Array, top: jax.Array, p: float, axis: Any, dtype: Any) -> jax.Array:
     """||a||_p for a >= 0 with max `top`, neither overflowing nor underflowing.
 
-    `a` is scaled by the power of two 2^-e that brings `top` into [0.5, 1), summed,
-    and the root scaled back by 2^e. Powers of two are exact, and a multiplication
-    never makes the denormals that x / top can: XLA on CPU divides by way of the
-    reciprocal, and 1 / 1e38 flushes to zero.
+    `a` is scaled by the power of two that brings `top` into [1, 2), summed, and the
+    root scaled back. Powers of two are exact, and a multiplication never makes the
+    denormals that x / top can: XLA on CPU divides by way of the reciprocal, and
+    1 / 1e38 flushes to zero. The powers are built from the exponent bits, which
+    compiles to far less than `frexp` and `ldexp`.
     """
-    _, exponent = jnp.frexp(top)
-    info = jnp.finfo(top.dtype)
-    exponent = jnp.clip(exponent, -(info.maxexp - 1), -info.minexp)
-    scale = jnp.ldexp(jnp.ones_like(top), -exponent)
-    root = safe_root(jnp.sum(_abs_pow(a * scale, p, dtype), axis=axis, keepdims=True), p)
-    return jnp.ldexp(root, exponent)
+    dtype = np.dtype(top.dtype)
+    info = np.finfo(dtype)
+    bits = jnp.uint32 if info.bits == 32 else jnp.uint64
+    bias = 2 ** (info.nexp - 1) - 1
+    field = lax.bitcast_convert_type(top, bits) >> info.nmant & (2**info.nexp - 1)
+    field = jnp.clip(field, 1, 2 * bias - 1)
+    down = _power_of_two(2 * bias - field, dtype)
+    up = _power_of_two(field, dtype)
+    root = safe_root(jnp.sum(_abs_pow(a * down, p, dtype), axis=axis, keepdims=True), p)
+    return root * up
 
 
 def combine(norms: jax.Array, p: float, axis: Any = None) -> jax.Array:
@@ -152,33 +161,11 @@ def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.
     return jax.ops.segment_sum(values, segments, num_segments=num)
 
 
-def _chunks(arrays: Sequence[jax.Array], segments: np.ndarray) -> list[tuple[int, list[int]]]:
-    """Consecutive leaves of one group, packed up to `RESCUE_CHUNK` elements: (group, leaves)."""
-    chunks: list[tuple[int, list[int]]] = []
-    size = 0
-    for i, x in enumerate(arrays):
-        group = int(segments[i])
-        if chunks and chunks[-1][0] == group and size + x.size <= RESCUE_CHUNK:
-            chunks[-1][1].append(i)
-            size += x.size
-        else:
-            chunks.append((group, [i]))
-            size = x.size
-    return chunks
-
-
-def _rescue_chunk(
-    arrays: Sequence[jax.Array], counted: Sequence[jax.Array | None], p: float, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """The norm of the finite elements of some leaves, scaled by their largest magnitude so
-    that nothing overflows or underflows, and their count of non-finite elements."""
-    parts = []
-    for x, keep in zip(arrays, counted, strict=True):
-        m = magnitude(x, dtype).ravel()
-        parts.append(m if keep is None else jnp.where(keep, m, 0.0))
-    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    finite = jnp.isfinite(flat)
-    a = jnp.where(finite, flat, 0.0)
+def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """One leaf measured again: the norm of its finite elements, scaled by their largest
+    magnitude so that nothing overflows or underflows, and its count of non-finite ones."""
+    finite = jnp.isfinite(x)
+    a = jnp.where(finite, magnitude(x, dtype), 0.0)
     top = jnp.max(a, initial=0.0)
     if not math.isinf(p):
         top = scaled_norm(a, top, p, None, dtype).reshape(())
@@ -194,29 +181,22 @@ def _rescue(
     dtype: Any,
     counted: jax.Array | None,
 ) -> Local:
-    # Leaves of a group are measured again in chunks of at most RESCUE_CHUNK elements
-    # (small leaves concatenated, large ones alone), and the chunk norms are combined
-    # afterwards. Compile time grows with the number of reductions, so chunks keep a
-    # 2000-leaf tree to a few; the chunk size bounds the memory the copy reserves. The
-    # NaN flags come from the first pass: a leaf's sum of |x|^p (or max) is NaN exactly
-    # when it holds a NaN, and with non-finite elements but no NaN a group holds an inf.
-    chunks = _chunks(arrays, segments)
-    measured = [
-        _rescue_chunk(
-            [arrays[i] for i in leaves],
-            [None if counted is None else counted[i] for i in leaves],
-            p,
-            dtype,
-        )
-        for _, leaves in chunks
-    ]
-    owner = np.asarray([group for group, _ in chunks], np.int32)
+    # Each leaf is measured again on its own and the leaf norms are combined per group
+    # afterwards. Leaves are never concatenated: under jit with sharded leaves XLA would
+    # gather them. The NaN flags come from the first pass: a leaf's sum of |x|^p (or
+    # max) is NaN exactly when it holds a NaN, and a group with non-finite elements but
+    # no NaN holds an inf.
+    measured = [_rescue_leaf(x, p, dtype) for x in arrays]
     norm = jnp.stack([n for n, _ in measured])
-    if math.isinf(p) or np.array_equal(owner, np.arange(num)):
-        top = jnp.maximum(_segment(norm, owner, num, "max"), 0.0)
+    count = jnp.stack([c for _, c in measured])
+    if counted is not None:
+        norm = jnp.where(counted, norm, 0.0)
+        count = jnp.where(counted, count, 0)
+    if math.isinf(p) or np.array_equal(segments, np.arange(num)):
+        top = jnp.maximum(_segment(norm, segments, num, "max"), 0.0)
     else:
-        top = jnp.stack([combine(norm[np.flatnonzero(owner == g)], p) for g in range(num)])
-    count = _segment(jnp.stack([c for _, c in measured]), owner, num, "sum").astype(jnp.int32)
+        top = jnp.stack([combine(norm[np.flatnonzero(segments == g)], p) for g in range(num)])
+    count = _segment(count, segments, num, "sum").astype(jnp.int32)
     nan = _segment(jnp.isnan(partials), segments, num, "max")
     return Local(norm=top, nonfinite=count, nan=nan, inf=(count > 0) & ~nan)
 
