@@ -1,21 +1,8 @@
 """Every example runs in the test suite, in a small setting, and shows what it claims."""
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(relative: str) -> ModuleType:
-    path = EXAMPLES / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
+from _examples import load
 
 
 def test_quickstart_clips_the_spike_and_reports_it() -> None:
