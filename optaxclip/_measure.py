@@ -122,6 +122,17 @@ def _power_of_two(exponent: jax.Array, dtype: np.dtype) -> jax.Array:
     return lax.bitcast_convert_type(exponent.astype(bits) << info.nmant, dtype)
 
 
+def _binary_scales(top: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Powers of two (down, up) with top * down in [1, 2) and down * up = 1, from the bits."""
+    dtype = np.dtype(top.dtype)
+    info = np.finfo(dtype)
+    bits = jnp.uint32 if info.bits == 32 else jnp.uint64
+    bias = 2 ** (info.nexp - 1) - 1
+    field = lax.bitcast_convert_type(top, bits) >> info.nmant & (2**info.nexp - 1)
+    field = jnp.clip(field, 1, 2 * bias - 1)
+    return _power_of_two(2 * bias - field, dtype), _power_of_two(field, dtype)
+
+
 def scaled_norm(a: jax.Array, top: jax.Array, p: float, axis: Any, dtype: Any) -> jax.Array:
     """||a||_p for a >= 0 with max `top`, neither overflowing nor underflowing.
 
@@ -131,14 +142,7 @@ def scaled_norm(a: jax.Array, top: jax.Array, p: float, axis: Any, dtype: Any) -
     1 / 1e38 flushes to zero. The powers are built from the exponent bits, which
     compiles to far less than `frexp` and `ldexp`.
     """
-    dtype = np.dtype(top.dtype)
-    info = np.finfo(dtype)
-    bits = jnp.uint32 if info.bits == 32 else jnp.uint64
-    bias = 2 ** (info.nexp - 1) - 1
-    field = lax.bitcast_convert_type(top, bits) >> info.nmant & (2**info.nexp - 1)
-    field = jnp.clip(field, 1, 2 * bias - 1)
-    down = _power_of_two(2 * bias - field, dtype)
-    up = _power_of_two(field, dtype)
+    down, up = _binary_scales(top)
     root = safe_root(jnp.sum(_abs_pow(a * down, p, dtype), axis=axis, keepdims=True), p)
     return root * up
 
@@ -163,13 +167,22 @@ def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.
 
 def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """One leaf measured again: the norm of its finite elements, scaled by their largest
-    magnitude so that nothing overflows or underflows, and its count of non-finite ones."""
-    finite = jnp.isfinite(x)
-    a = jnp.where(finite, magnitude(x, dtype), 0.0)
-    top = jnp.max(a, initial=0.0)
+    magnitude so that nothing overflows or underflows, and its count of non-finite ones.
+
+    Each of the three reductions masks the non-finite elements in its own way, so that
+    XLA fuses each into one pass over `x` rather than keeping a shared masked copy of
+    the leaf alive: the rescue branch reserves no memory the size of the gradients.
+    """
+    count = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+    a = magnitude(x, dtype)
+    top = jnp.max(jnp.where(a < jnp.inf, a, 0.0), initial=0.0)
     if not math.isinf(p):
-        top = scaled_norm(a, top, p, None, dtype).reshape(())
-    return top, jnp.sum(~finite, dtype=jnp.int32)
+        down, up = _binary_scales(top)
+        # Finite elements are at most `top`, so scaled they are below 2; NaN and inf are not.
+        scaled = magnitude(x.astype(dtype) * down, dtype)
+        total = jnp.sum(_abs_pow(jnp.where(scaled < 2, scaled, 0.0), p, dtype))
+        top = safe_root(total, p) * up
+    return top, count
 
 
 def _rescue(
