@@ -179,7 +179,8 @@ def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Arr
     if not math.isinf(p):
         down, up = _binary_scales(top)
         # Finite elements are at most `top`, so scaled they are below 2; NaN and inf are not.
-        scaled = magnitude(x.astype(dtype) * down, dtype)
+        work = x if jnp.iscomplexobj(x) else x.astype(dtype)
+        scaled = magnitude(work * down, dtype)
         total = jnp.sum(_abs_pow(jnp.where(scaled < 2, scaled, 0.0), p, dtype))
         top = safe_root(total, p) * up
     return top, count
