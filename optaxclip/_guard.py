@@ -4,9 +4,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
 
 from optaxclip import _checks, _distributed, _measure, _pipeline, _tree
 from optaxclip._pipeline import Name
@@ -45,10 +43,10 @@ class GuardState(NamedTuple):
     name: Name
 
 
-def _zeros_like(x: Any) -> Any:
+def _keep_or_zero(keep: jax.Array, x: Any) -> Any:
     if x.dtype == jax.dtypes.float0:
-        return np.zeros(x.shape, x.dtype)
-    return jnp.zeros_like(x)
+        return x
+    return jnp.where(keep, x, jnp.zeros_like(x))
 
 
 def guard(
@@ -159,15 +157,15 @@ def guard(
             forced = bad & (state.consecutive >= max_consecutive)
         apply = ~bad | forced
 
-        def run_inner() -> tuple[Any, Any]:
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def skip() -> tuple[Any, Any]:
-            # Zeros shaped and typed (varying mesh axes included) like the inner
-            # transform's output; the inner computation itself is dead code here.
-            return jax.tree.map(_zeros_like, run_inner()[0]), state.inner_state
-
-        new_updates, inner_state = lax.cond(apply, run_inner, skip)
+        # The inner update is computed every step and its results are kept only when the
+        # step is applied: a skipped step's output is zeros and the inner state is the old
+        # one, bit for bit. Selecting, rather than branching with lax.cond, lets XLA fuse
+        # the choice into the optimizer's own element-wise pass instead of copying its state.
+        candidate, candidate_state = inner.update(updates, state.inner_state, params, **extra_args)
+        new_updates = jax.tree.map(lambda u: _keep_or_zero(apply, u), candidate)
+        inner_state = jax.tree.map(
+            lambda new, old: jnp.where(apply, new, old), candidate_state, state.inner_state
+        )
         learn = ~bad & jnp.isfinite(norm)
         a = jnp.asarray(alpha).astype(jnp.float32)
         first = state.good_steps == 0
