@@ -510,14 +510,7 @@ def adagc(
         h = _pipeline.norm_scale(used, limits)
         ema_gamma = _f32(beta) * state.gamma + (1 - _f32(beta)) * h * used
         scale = jnp.where(warming, warm_scale, h)
-        count = jnp.sum(norms.nonfinite)
-        skip = count > 0 if mode == "skip" else None
-        new_updates = view.rebuild(
-            [_pipeline.scale_leaf(x, scale[i], mode, skip) for i, x in enumerate(view.arrays)]
-        )
-        clipped = jnp.any(scale < 1)
-        if mode != "propagate":
-            clipped |= count > 0
+        new_updates, clipped, count = _pipeline.apply_scales(view, scale, segments, norms, mode)
         finite = jnp.all(jnp.isfinite(norms.norm))
         gamma = jnp.where(finite, jnp.where(warming, warm_gamma, ema_gamma), state.gamma)
         threshold = jnp.where(warming, warm_limit, _measure.combine(limits, 2.0))

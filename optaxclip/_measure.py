@@ -5,9 +5,10 @@ sum across leaves, all in the accumulation dtype (float32, or float64 for
 float64 leaves). Its result is trusted when it is finite and not so small that
 squares could have underflowed; otherwise, under one `lax.cond`, a rescue path
 measures again: per leaf the largest finite magnitude M, the count of
-non-finite elements, then sum((|x| / M)^p), which neither overflows nor
-underflows. So fp16 values of 300 and float32 values near 1e30 get the right
-norm, while well-scaled gradients pay for exactly one pass.
+non-finite elements, then sum((|x| * 2^-e)^p) with 2^e the power of two
+nearest M from below, which neither overflows nor underflows. So fp16 values of
+300 and float32 values near 1e30 get the right norm, while well-scaled gradients
+pay for exactly one pass.
 """
 
 import functools
@@ -169,9 +170,10 @@ def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Arr
     """One leaf measured again: the norm of its finite elements, scaled by their largest
     magnitude so that nothing overflows or underflows, and its count of non-finite ones.
 
-    Each of the three reductions masks the non-finite elements in its own way, so that
-    XLA fuses each into one pass over `x` rather than keeping a shared masked copy of
-    the leaf alive: the rescue branch reserves no memory the size of the gradients.
+    Each of the three reductions masks the non-finite elements in its own way rather
+    than sharing one masked copy of the leaf. XLA:CPU still materialises each masked
+    operand (it fuses no `select` into a reduction), so on CPU this branch reserves
+    temporaries the size of the leaves even when it is not taken.
     """
     count = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
     a = magnitude(x, dtype)

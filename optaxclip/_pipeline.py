@@ -119,6 +119,21 @@ def clip_groups(
     """Decide and apply for the norm policies: scale each group to at most `max_norm`."""
     used = norms.finite if nonfinite == "zero" else norms.norm
     scale = norm_scale(used, max_norm)
+    updates, clipped, count = apply_scales(view, scale, segments, norms, nonfinite)
+    grad_norm = used[0] if used.shape[0] == 1 else total_norm(norms, p, nonfinite)
+    return Decision(updates, grad_norm.astype(jnp.float32), clipped, count, used)
+
+
+def apply_scales(
+    view: _tree.TreeView,
+    scale: jax.Array,
+    segments: Sequence[int],
+    norms: _measure.Norms,
+    nonfinite: _checks.NonFinite,
+) -> tuple[Any, jax.Array, jax.Array]:
+    """The apply step of the group policies: each leaf times its group's scale, with the
+    `nonfinite` handling. Returns the updates, whether they changed, and the non-finite count.
+    """
     count = jnp.sum(norms.nonfinite)
     skip = count > 0 if nonfinite == "skip" else None
     updates = view.rebuild(
@@ -130,5 +145,4 @@ def clip_groups(
     clipped = jnp.any(scale < 1)
     if nonfinite != "propagate":
         clipped |= count > 0
-    grad_norm = used[0] if used.shape[0] == 1 else total_norm(norms, p, nonfinite)
-    return Decision(updates, grad_norm.astype(jnp.float32), clipped, count, used)
+    return updates, clipped, count
