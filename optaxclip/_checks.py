@@ -1,7 +1,6 @@
 """Validation of the options every factory takes, done once at construction."""
 
 import math
-from collections.abc import Hashable
 from typing import Any, Literal
 
 import jax
@@ -38,14 +37,6 @@ def check_threshold(value: Any, arg: str, where: str) -> Any:
     number = float(array)
     if math.isnan(number) or number < 0:
         raise ValueError(f"{where}: `{arg}` must be non-negative, got {number}.")
-    return value
-
-
-def check_positive(value: Any, arg: str, where: str) -> Any:
-    """Like `check_threshold`, but zero is refused too."""
-    value = check_threshold(value, arg, where)
-    if not is_traced(value) and float(np.asarray(value)) == 0:
-        raise ValueError(f"{where}: `{arg}` must be positive, got 0.")
     return value
 
 
@@ -97,8 +88,3 @@ def check_name(name: Any, where: str) -> str | None:
     if name is not None and not isinstance(name, str):
         raise TypeError(f"{where}: `name` must be a string or None, got {name!r}.")
     return name
-
-
-def check_hashable(value: Any, arg: str, where: str) -> None:
-    if not isinstance(value, Hashable):
-        raise TypeError(f"{where}: `{arg}` must be hashable, got {value!r}.")

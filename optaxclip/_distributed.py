@@ -31,8 +31,6 @@ from jax import lax
 
 from optaxclip import _measure, _tree
 
-AxisName = str | tuple[str, ...]
-
 
 def normalize_axis_name(axis_name: Any, where: str) -> tuple[str, ...] | None:
     if axis_name is None:
