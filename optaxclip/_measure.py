@@ -188,6 +188,36 @@ def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Arr
     return top, count
 
 
+def _nonfinite_probe(
+    arrays: Sequence[jax.Array],
+    segments: np.ndarray,
+    num: int,
+    dtype: Any,
+    counted: jax.Array | None,
+    like: jax.Array,
+) -> jax.Array:
+    """Whether each group may hold a NaN that its max-norm partial lost.
+
+    XLA:CPU (jax 0.10) reduces `max` with an instruction that drops NaN: the max of
+    |x| over a large array holding a NaN comes out finite, and wrong. A sum does
+    not drop NaN, so on CPU a second pass sums |x| * 0, which is NaN exactly when
+    an element is NaN or inf. Other platforms propagate NaN through `max` as XLA
+    specifies, and pay nothing.
+    """
+
+    def probe() -> jax.Array:
+        sums = jnp.stack([jnp.sum(magnitude(x, dtype) * 0.0) for x in arrays])
+        if counted is not None:
+            sums = jnp.where(counted, sums, 0.0)
+        return jnp.isnan(_segment(sums, segments, num, "sum"))
+
+    def no() -> jax.Array:
+        # zeros_like keeps the varying mesh axes of `like` (the totals), as `probe` has them.
+        return jnp.zeros_like(like, bool)
+
+    return lax.platform_dependent(cpu=probe, default=no)
+
+
 def _rescue(
     arrays: Sequence[jax.Array],
     partials: jax.Array,
@@ -199,21 +229,27 @@ def _rescue(
 ) -> Local:
     # Each leaf is measured again on its own and the leaf norms are combined per group
     # afterwards. Leaves are never concatenated: under jit with sharded leaves XLA would
-    # gather them. The NaN flags come from the first pass: a leaf's sum of |x|^p (or
-    # max) is NaN exactly when it holds a NaN, and a group with non-finite elements but
-    # no NaN holds an inf.
+    # gather them. The NaN flags come from the first pass: a leaf's sum of |x|^p is NaN
+    # exactly when it holds a NaN, and a group with non-finite elements but no NaN holds
+    # an inf.
     measured = [_rescue_leaf(x, p, dtype) for x in arrays]
     norm = jnp.stack([n for n, _ in measured])
     count = jnp.stack([c for _, c in measured])
+    if math.isinf(p):
+        # The max-norm partials may have lost their NaN (see `_nonfinite_probe`).
+        has_nan = jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays])
+    else:
+        has_nan = jnp.isnan(partials)
     if counted is not None:
         norm = jnp.where(counted, norm, 0.0)
         count = jnp.where(counted, count, 0)
+        has_nan &= counted
     if math.isinf(p) or np.array_equal(segments, np.arange(num)):
         top = jnp.maximum(_segment(norm, segments, num, "max"), 0.0)
     else:
         top = jnp.stack([combine(norm[np.flatnonzero(segments == g)], p) for g in range(num)])
     count = _segment(count, segments, num, "sum").astype(jnp.int32)
-    nan = _segment(jnp.isnan(partials), segments, num, "max")
+    nan = _segment(has_nan, segments, num, "max")
     return Local(norm=top, nonfinite=count, nan=nan, inf=(count > 0) & ~nan)
 
 
@@ -263,7 +299,10 @@ def _local_group_norms(
     op = "max" if math.isinf(p) else "sum"
     totals = _segment(partials, seg, num, op)
     trusted = jnp.isfinite(totals)
-    if not math.isinf(p):
+    if math.isinf(p):
+        # A max reduction may lose a NaN; the rescue then finds it.
+        trusted &= ~_nonfinite_probe(arrays, seg, num, dtype, counted, like=totals)
+    else:
         trusted &= totals >= TINY
 
     def common() -> Local:

@@ -366,6 +366,40 @@ def test_nonfinite_leaf_norms_stay_per_leaf(ord):
         assert_norm(norm, reference_norm([leaf], ord))
 
 
+# XLA:CPU reduces a large max with an instruction that drops NaN; small arrays do not show it.
+LARGE = 1 << 20
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("position", [0, 5, LARGE // 2, LARGE - 17, LARGE - 1])
+def test_nan_in_a_large_leaf_is_never_lost_by_the_max_norm(position, mode):
+    x = jnp.arange(LARGE, dtype=jnp.float32).at[position].set(jnp.nan)
+    tree = {"a": x, "b": jnp.ones([3])}
+    assert_norm(_call(optaxclip.global_norm, mode, tree, "inf"), NAN)
+    norms = optaxclip.leaf_norms(tree, ord="inf")
+    assert_norm(norms["a"], NAN)
+    assert_norm(norms["b"], 1.0)
+    both = x.at[position ^ 1].set(-jnp.inf)
+    assert_norm(_call(optaxclip.global_norm, mode, [both], "inf"), NAN)
+    only_inf = jnp.arange(LARGE, dtype=jnp.float32).at[position].set(-jnp.inf)
+    assert_norm(_call(optaxclip.global_norm, mode, [only_inf], "inf"), INF)
+
+
+def test_nan_in_a_large_leaf_reaches_the_max_norm_clip():
+    x = jnp.arange(LARGE, dtype=jnp.float32).at[LARGE - 1].set(jnp.nan)
+    tx = optaxclip.clip_by_global_norm(1.0, ord="inf", nonfinite="skip")
+    updates, state = jax.jit(tx.update)({"a": x}, tx.init({"a": x}))
+    assert np.isnan(state.grad_norm)
+    assert int(state.nonfinite) == 1
+    assert not np.asarray(updates["a"]).any()
+    group = optaxclip.clip_by_group_norm(1.0, {"a": "x", "b": "y"}, ord="inf")
+    tree = {"a": x, "b": jnp.full([4], 2.0)}
+    _, state = jax.jit(group.update)(tree, group.init(tree))
+    assert np.isnan(state.grad_norm)
+    assert np.isnan(state.group_norm["x"])
+    assert float(state.group_norm["y"]) == 2.0
+
+
 def test_nonfinite_unitwise_norm_stays_per_unit():
     x = jnp.array([[jnp.nan, 3.0, jnp.inf, 1e30], [1.0, 4.0, 1.0, 1e30]])
     got = np.asarray(optaxclip.unitwise_norm(x))
