@@ -489,6 +489,7 @@ def adagc(
     ) -> tuple[Any, AdaGCState]:
         del params, extra_args
         view = _tree.view(updates, where)
+        _distributed.refuse_unreduced(view, where)
         leaves = len(view.arrays)
         if leaves != state.gamma.shape[0]:
             raise ValueError(

@@ -79,11 +79,39 @@ class Plan:
         return lambda local: all_reduce(local, axes, p)
 
 
+def refuse_unreduced(view: _tree.TreeView, where: str, axes: tuple[str, ...] = ()) -> None:
+    """Raises when a counted leaf varies over a manual mesh axis that is not in `axes`.
+
+    Under `shard_map` such a leaf holds a different value on each device along that
+    axis, so each device would clip by its own shard's norm. Outside `shard_map`, or
+    under `shard_map(check_vma=False)` and `pmap` (whose types carry no varying axes),
+    there is nothing to check.
+    """
+    unnamed = _mesh_axes() - set(axes)
+    if not unnamed:
+        return
+    for i in view.active:
+        stray = sorted(_varying(view.leaves[i]) & unnamed)
+        if not stray:
+            continue
+        leaf = jax.tree_util.keystr(view.paths[i]) or "<root>"
+        if axes:
+            named, fix = f"which is not in axis_name={axes!r}", f"add {stray[0]!r} to `axis_name`"
+        else:
+            named, fix = "and axis_name is None", f"pass `axis_name={stray[0]!r}`"
+        raise ValueError(
+            f"{where}: leaf {leaf} varies over mesh axis {stray[0]!r}, {named}. Each device "
+            "would clip by the norm of its own shard. Reduce the gradients first "
+            f"(`jax.lax.pmean(grads, {stray[0]!r})`) or {fix} if the leaf is sharded over it."
+        )
+
+
 def plan(view: _tree.TreeView, axis_name: Any, replicated: Any, where: str) -> Plan:
     axes = normalize_axis_name(axis_name, where)
     if axes is None:
         if replicated is not None:
             raise ValueError(f"{where}: `replicated` only has a meaning with `axis_name`.")
+        refuse_unreduced(view, where)
         return Plan(None, None)
     marks: list[Any] = [None] * len(view.leaves)
     if replicated is not None:
@@ -108,21 +136,13 @@ def plan(view: _tree.TreeView, axis_name: Any, replicated: Any, where: str) -> P
             "`jax.shard_map` or `jax.pmap`; under plain `jax.jit` with sharded arrays, "
             "leave it None."
         ) from err
-    unnamed = _mesh_axes() - set(axes)
+    if checked:
+        refuse_unreduced(view, where, axes)
     flags = []
     for i in view.active:
-        path, x, mark = view.paths[i], view.leaves[i], marks[i]
+        x, mark = view.leaves[i], marks[i]
         if checked:
             varying = _varying(x)
-            stray = sorted(varying & unnamed)
-            if stray:
-                raise ValueError(
-                    f"{where}: leaf {jax.tree_util.keystr(path) or '<root>'} varies over mesh "
-                    f"axis {stray[0]!r}, which is not in axis_name={axes!r}. Each device would "
-                    "clip by a different norm. Reduce the gradients over that axis first "
-                    f"(e.g. `jax.lax.pmean(grads, {stray[0]!r})`), or add it to `axis_name` "
-                    "if the leaf is sharded over it."
-                )
             invariant = [a for a in axes if a not in varying]
             if mark is True:
                 invariant = list(axes)

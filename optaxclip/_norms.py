@@ -58,6 +58,7 @@ def leaf_norms(tree: Any, *, ord: Any = None) -> Any:
     where = "leaf_norms"
     p = _checks.parse_ord(ord, where)
     view = _tree.view(tree, where)
+    _distributed.refuse_unreduced(view, where)
     arrays = view.arrays
     norms = _measure.group_norms(arrays, list(range(len(arrays))), len(arrays), p, view.dtype)
     out = [jnp.zeros([], jnp.float32)] * len(view.leaves)

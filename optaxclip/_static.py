@@ -198,6 +198,7 @@ def clip_by_leaf_norm(
     def update(updates: Any, state: ClipState, params: Any) -> tuple[Any, ClipState]:
         del params
         view = _tree.view(updates, where)
+        _distributed.refuse_unreduced(view, where)
         segments = list(range(len(view.arrays)))
         norms = _measure.group_norms(view.arrays, segments, len(segments), p, view.dtype)
         bound = jnp.broadcast_to(_pipeline.as_scalar(max_norm, view.dtype), [len(segments)])
@@ -400,6 +401,7 @@ def clip_by_block_rms(
     def update(updates: Any, state: ClipState, params: Any) -> tuple[Any, ClipState]:
         del params
         view = _tree.view(updates, where)
+        _distributed.refuse_unreduced(view, where)
         axes = []
         for x, path in zip(view.arrays, view.active_paths, strict=True):
             if stacked and np.ndim(x) == 0:
@@ -500,6 +502,7 @@ def adaptive_grad_clip(
                 "parameter); call `tx.update(updates, state, params)`."
             )
         view = _tree.view(updates, where)
+        _distributed.refuse_unreduced(view, where)
         try:
             param_leaves = view.treedef.flatten_up_to(params)
         except (ValueError, TypeError) as err:
