@@ -12,6 +12,9 @@ from optaxclip._adaptive import quantile_clip as quantile_clip
 from optaxclip._adaptive import zclip as zclip
 from optaxclip._guard import GuardState as GuardState
 from optaxclip._guard import guard as guard
+from optaxclip._loss_scale import LossScaleState as LossScaleState
+from optaxclip._loss_scale import current_loss_scale as current_loss_scale
+from optaxclip._loss_scale import loss_scale as loss_scale
 from optaxclip._norms import global_norm as global_norm
 from optaxclip._norms import leaf_norms as leaf_norms
 from optaxclip._norms import unitwise_norm as unitwise_norm
@@ -33,6 +36,7 @@ __all__ = (
     "ClipState",
     "GroupClipState",
     "GuardState",
+    "LossScaleState",
     "QuantileClipState",
     "ZClipState",
     "adagc",
@@ -43,9 +47,11 @@ __all__ = (
     "clip_by_group_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
+    "current_loss_scale",
     "global_norm",
     "guard",
     "leaf_norms",
+    "loss_scale",
     "quantile_clip",
     "stats",
     "unitwise_norm",
