@@ -18,6 +18,9 @@ from optaxclip._loss_scale import loss_scale as loss_scale
 from optaxclip._norms import global_norm as global_norm
 from optaxclip._norms import leaf_norms as leaf_norms
 from optaxclip._norms import unitwise_norm as unitwise_norm
+from optaxclip._per_example import PerExampleClipState as PerExampleClipState
+from optaxclip._per_example import microbatched_clip as microbatched_clip
+from optaxclip._per_example import per_example_clip as per_example_clip
 from optaxclip._pipeline import ClipState as ClipState
 from optaxclip._pipeline import GroupClipState as GroupClipState
 from optaxclip._static import adaptive_grad_clip as adaptive_grad_clip
@@ -37,6 +40,7 @@ __all__ = (
     "GroupClipState",
     "GuardState",
     "LossScaleState",
+    "PerExampleClipState",
     "QuantileClipState",
     "ZClipState",
     "adagc",
@@ -52,6 +56,8 @@ __all__ = (
     "guard",
     "leaf_norms",
     "loss_scale",
+    "microbatched_clip",
+    "per_example_clip",
     "quantile_clip",
     "stats",
     "unitwise_norm",
