@@ -15,6 +15,8 @@ from optaxclip._guard import guard as guard
 from optaxclip._loss_scale import LossScaleState as LossScaleState
 from optaxclip._loss_scale import current_loss_scale as current_loss_scale
 from optaxclip._loss_scale import loss_scale as loss_scale
+from optaxclip._monitor import MonitorState as MonitorState
+from optaxclip._monitor import monitor as monitor
 from optaxclip._norms import global_norm as global_norm
 from optaxclip._norms import leaf_norms as leaf_norms
 from optaxclip._norms import unitwise_norm as unitwise_norm
@@ -29,6 +31,7 @@ from optaxclip._static import clip_by_global_norm as clip_by_global_norm
 from optaxclip._static import clip_by_group_norm as clip_by_group_norm
 from optaxclip._static import clip_by_leaf_norm as clip_by_leaf_norm
 from optaxclip._static import clip_by_value as clip_by_value
+from optaxclip._stats import host_stats as host_stats
 from optaxclip._stats import stats as stats
 
 __version__ = importlib.metadata.version("optaxclip")
@@ -40,6 +43,7 @@ __all__ = (
     "GroupClipState",
     "GuardState",
     "LossScaleState",
+    "MonitorState",
     "PerExampleClipState",
     "QuantileClipState",
     "ZClipState",
@@ -54,9 +58,11 @@ __all__ = (
     "current_loss_scale",
     "global_norm",
     "guard",
+    "host_stats",
     "leaf_norms",
     "loss_scale",
     "microbatched_clip",
+    "monitor",
     "per_example_clip",
     "quantile_clip",
     "stats",

@@ -4,6 +4,7 @@ from collections import Counter
 from typing import Any
 
 import jax
+import numpy as np
 
 from optaxclip._pipeline import Name
 
@@ -82,4 +83,41 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
         seen[base] += 1
         for key, value in _fields(state).items():
             out[f"{name}/{key}"] = value
+    return out
+
+
+def host_stats(opt_state: Any) -> dict[str, float | int | bool]:
+    """`stats(opt_state)` as Python numbers, brought to the host in one transfer.
+
+    Every array comes over in a single `jax.device_get`, so logging every step
+    costs one device-to-host copy, not one per key. Float fields become `float`,
+    counts `int`, flags `bool`; a vector field (e.g. `monitor`'s per-layer norms
+    with `stacked`) becomes one key per element, `"{key}/{i}"`, so the dict is
+    flat and scalar, ready for any logger (TensorBoard, CSV, W&B). Call it
+    outside `jax.jit`.
+
+    Args:
+      opt_state: an optimizer state, or an object with an `opt_state` attribute.
+
+    Returns:
+      A dict from key to Python number.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optaxclip
+      >>> tx = optax.chain(optaxclip.clip_by_global_norm(2.5), optax.sgd(0.1))
+      >>> _, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)), jnp.zeros(2))
+      >>> optaxclip.host_stats(state)
+      {'grad_norm': 5.0, 'clipped': True, 'nonfinite': 0, 'scale': 0.5}
+    """
+    found = stats(opt_state)
+    # device_get returns dicts with sorted keys; the loop keeps the order of `stats`.
+    host = jax.device_get(found)
+    out: dict[str, float | int | bool] = {}
+    for key in found:
+        value = np.asarray(host[key])
+        if value.ndim == 0:
+            out[key] = value.item()
+        else:
+            for i, element in enumerate(value.reshape(-1)):
+                out[f"{key}/{i}"] = element.item()
     return out
