@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _checks, _distributed, _measure, _pipeline, _tree
+from optaxclip import _checks, _distributed, _measure, _percentile, _pipeline, _tree
 from optaxclip._pipeline import Name
 
 # The epsilon of ZClip's z-score, as in the paper's reference implementation.
@@ -225,6 +225,11 @@ def autoclip(
     _checks.check_static(history_size, "history_size", where)
     if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
         raise ValueError(f"{where}: `history_size` must be a positive int, got {history_size!r}.")
+    if history_size > _percentile.MAX_SIZE:
+        raise ValueError(
+            f"{where}: `history_size` must be at most 2**24 = {_percentile.MAX_SIZE}, got "
+            f"{history_size}: the percentile's position is exact only up to that size."
+        )
     _checks.check_threshold(percentile, "percentile", where)
     if not _checks.is_traced(percentile) and float(percentile) > 100:
         raise ValueError(f"{where}: `percentile` must be in [0, 100], got {percentile}.")
@@ -241,11 +246,7 @@ def autoclip(
         history = state.history.at[state.step_count % history_size].set(norm)
         valid = jnp.minimum(state.step_count + 1, history_size)
         ordered = jnp.sort(jnp.where(jnp.arange(history_size) < valid, history, jnp.inf))
-        position = _f32(percentile) / 100 * (valid - 1).astype(jnp.float32)
-        low = jnp.floor(position).astype(jnp.int32)
-        high = jnp.minimum(low + 1, valid - 1)
-        frac = position - low.astype(jnp.float32)
-        threshold = ordered[low] + (ordered[high] - ordered[low]) * frac
+        threshold = _percentile.percentile(ordered, valid, percentile)
         return threshold, {"history": history, "step_count": optax.safe_increment(state.step_count)}
 
     return _global_policy(where, name, initial, decide, axis_name, replicated, nonfinite)
