@@ -113,9 +113,10 @@ def _check_options(
 
 
 def _unscale(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """x / S in float32 (float64 for float64 leaves), cast back to the leaf's dtype."""
-    work = jnp.promote_types(x.dtype, _tree.accumulation_dtype(x.dtype))
-    return (x.astype(work) / scale.astype(_tree.accumulation_dtype(x.dtype))).astype(x.dtype)
+    """x · (1/S) in float32 (float64 for float64 leaves), cast back to the leaf's dtype."""
+    dtype = _tree.accumulation_dtype(x.dtype)
+    work = jnp.promote_types(x.dtype, dtype)
+    return (x.astype(work) * (1 / scale.astype(dtype))).astype(x.dtype)
 
 
 def _keep_or_zero(keep: jax.Array, x: Any) -> Any:
@@ -143,8 +144,9 @@ def loss_scale(
     loss × S, S a large scale, so the backward pass stays in float16's range, and
     to divide the gradients by S before the optimizer sees them. The incoming
     updates are those gradients of (loss × S), S = `current_loss_scale(state)`.
-    They are divided by S in float32 (float64 for float64 leaves) and cast back
-    to each leaf's dtype, and counted for non-finite elements in the same pass
+    They are divided by S (multiplied by the float32 reciprocal 1/S, as torch does:
+    exact for powers of two) in float32 (float64 for float64 leaves), cast back to
+    each leaf's dtype, and counted for non-finite elements in the same pass
     (one collective with `axis_name`). Then, as `torch.amp.GradScaler`:
 
     - a step with a non-finite element outputs all-zero updates, leaves `inner`'s
@@ -158,6 +160,10 @@ def loss_scale(
     around `guard` and around `optax.MultiSteps` (it then unscales each micro-batch,
     and a micro-batch that overflowed is dropped, not accumulated). The inner update
     runs every step and its result is selected with `jnp.where`: no branch.
+
+    Every numeric option may be traced (`optax.inject_hyperparams`); with float16
+    params pass `hyperparam_dtype=jnp.float32` there, since optax casts the options
+    to the params' dtype and 2**24 is inf in float16.
 
     Args:
       inner: the transform that receives the unscaled gradients (the optimizer).
@@ -217,9 +223,11 @@ def loss_scale(
         scale = state.loss_scale.astype(jnp.float32)
         view = _tree.view(updates, where)
         plan = _distributed.plan(view, axis_name, replicated, where)
-        # The unscaled leaves are measured as the inner transform will see them: in their
-        # own dtype, so a value that only overflows once cast back is caught too. XLA
-        # fuses the division into the norm's read of the leaf.
+        # Unscaling multiplies by 1/S: XLA turns a division by a scalar into that product
+        # anyway, and torch's `unscale_` is the same product, so the two agree bit for
+        # bit (for the power-of-two scales of the defaults it is the exact quotient).
+        # The unscaled leaves are measured as the inner transform will see them, in
+        # their own dtype, and XLA fuses the product into the norm's read of the leaf.
         unscaled = [_unscale(x, scale) for x in view.arrays]
         norms = _measure.group_norms(
             unscaled, [0] * len(unscaled), 1, 2.0, view.dtype, plan.counted, plan.reducer(2.0)
