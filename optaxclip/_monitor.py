@@ -187,13 +187,13 @@ def _sliced_norms(
                     segments.append(offset + slots[g] + layer)
                     owners.append((t, j))
     flags = None
-    if all(c is not None for c in counted) and counted:
-        stacked = jnp.concatenate([jnp.atleast_1d(c) for c in counted if c is not None])
-        base = np.cumsum([0] + [len(leaves) for leaves in trees])
-        flags = stacked[np.asarray([base[t] + j for t, j in owners], dtype=np.int32)]
-    norms = _measure.group_norms(
-        arrays, segments, slots[-1] * len(trees), p, dtype, flags if arrays else None, reducer
-    )
+    if all(c is not None for c in counted):
+        # One flag per active leaf of each tree; each layer's slice inherits its leaf's.
+        flags = jnp.concatenate([c for c in counted if c is not None])
+        if len(owners) != flags.shape[0]:
+            base = np.cumsum([0] + [len(leaves) for leaves in trees])
+            flags = flags[np.asarray([base[t] + j for t, j in owners], dtype=np.int32)]
+    norms = _measure.group_norms(arrays, segments, slots[-1] * len(trees), p, dtype, flags, reducer)
     entries = [norms.norm[t * slots[-1] : (t + 1) * slots[-1]] for t in range(len(trees))]
     return entries, jnp.sum(norms.nonfinite[: slots[-1]])
 
@@ -345,9 +345,13 @@ def monitor(
             want = np.shape(state.norms[group])
             got = () if layout.layers[g] is None else (layout.layers[g],)
             if want != got:
+
+                def count(shape: tuple[int, ...]) -> str:
+                    return f"{shape[0]} layers" if shape else "no layer axis"
+
                 raise ValueError(
-                    f"{where}: group {group!r} has {got or 'no'} layers in the updates but "
-                    f"{want or 'no'} at init; the updates must have the parameters' shapes."
+                    f"{where}: group {group!r} has {count(got)} in the updates but "
+                    f"{count(want)} at init; the updates must have the parameters' shapes."
                 )
         plans = [_distributed.plan(view, axis_name, replicated, where)]
         trees = [view.arrays]
