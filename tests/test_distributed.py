@@ -632,7 +632,8 @@ def _check_adaptive_outcome(policy: str, states: list[Any]) -> None:
     assert int(nan_state.nonfinite) == 1
     if policy == "guard":
         assert bool(nan_state.skipped) and int(last.skip_count) == 2  # the NaN and the spike
-        assert bool(last.skipped) and int(last.good_steps) == 3
+        # Fed by the good steps and, capped at the spike threshold, by the spike; not by the NaN.
+        assert bool(last.skipped) and int(last.norm_steps) == 4
     else:
         assert int(nan_state.step_count) == NAN_STEP  # the NaN step left no trace
         assert int(last.step_count) == len(ADAPTIVE_SCALES) - 1
