@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "collectives": "benchmarks.collectives",
     "adaptive": "benchmarks.adaptive",
     "lowering": "benchmarks.lowering",
+    "monitor": "benchmarks.monitor",
 }
 
 
