@@ -11,13 +11,13 @@ each leaf, on which devices its partial norm counts:
 - under `jax.pmap` (or `shard_map(check_vma=False)`), where types carry no such
   information, every leaf is sharded unless `replicated` marks it.
 
-At run time the reducer combines each device's per-group record (finite norm,
-non-finite count, NaN and inf flags) in a single all-reduce. Each device writes
-its record into its own row of a zero buffer and a max all-reduce hands every
-device every row; the combination (sums, maxima, and an overflow-free p-norm of
-the device norms) is then done locally. Max is exact for non-negative values and
-NaN is never sent (all-reduce max drops NaN on some backends), so the result is
-bit-identical on every device whatever the norm order.
+At run time the reducer combines each device's per-group partials in a single
+all-reduce whose payload is O(groups), whatever the number of devices: the
+fixed-scale band sums of the measure step add without overflow, so one `psum`
+carries them with the non-finite counts (as exact base-256 digits) and the NaN
+flags; the root is then taken once, identically on every device. NaN is never
+sent. The max-norm gathers one small record per device instead, since maxima
+do not add.
 """
 
 import dataclasses
@@ -156,25 +156,45 @@ def plan(view: _tree.TreeView, axis_name: Any, replicated: Any, where: str) -> P
     return Plan(axes, counted)
 
 
+def _digits(count: jax.Array, dtype: Any) -> jax.Array:
+    """An int32 count as base-256 digits in `dtype`, lowest first: sums of them are exact."""
+    base = 2**_measure.DIGIT_BITS
+    digits = [(count >> (_measure.DIGIT_BITS * k)) & (base - 1) for k in range(_measure.DIGITS)]
+    return jnp.stack(digits, axis=-1).astype(dtype)
+
+
+def _undigits(digits: jax.Array) -> jax.Array:
+    """The count from summed digits, saturating at the int32 maximum."""
+    total = jnp.zeros(digits.shape[:-1], jnp.float32)
+    for k in reversed(range(_measure.DIGITS)):
+        total = total * 2.0**_measure.DIGIT_BITS + digits[..., k].astype(jnp.float32)
+    exact = jnp.zeros(digits.shape[:-1], jnp.int32)
+    for k in reversed(range(_measure.DIGITS)):
+        exact = exact * 2**_measure.DIGIT_BITS + jnp.round(digits[..., k]).astype(jnp.int32)
+    return jnp.where(total < 2.0**31 - 2**_measure.DIGIT_BITS, exact, jnp.iinfo(jnp.int32).max)
+
+
 def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measure.Local:
-    """Combines per-device records in one all-reduce; identical on every device."""
-    dtype = local.norm.dtype
-    size = lax.axis_size(axes)
-    record = jnp.stack(
-        [
-            local.norm,
-            local.nonfinite.astype(dtype),
-            local.nan.astype(dtype),
-            local.inf.astype(dtype),
-        ]
+    """Combines per-device partials in one all-reduce; identical on every device.
+
+    For a finite order the band sums, the non-finite counts (as base-256 digits)
+    and the NaN flags travel as one float array of O(groups) values through a
+    single `psum`: the band sums add without overflow, the digits add exactly,
+    and NaN is never sent. For the max-norm, maxima do not add: each device's
+    record is gathered (one small record per device) and combined locally.
+    """
+    dtype = local.acc.dtype
+    width = local.acc.shape[1]
+    record = jnp.concatenate(
+        [local.acc, _digits(local.nonfinite, dtype), local.nan.astype(dtype)[:, None]], axis=1
     )
-    rows = jnp.zeros((size, *record.shape), dtype).at[lax.axis_index(axes)].set(record)
-    rows = lax.pmax(rows, axes)
-    norms = rows[:, 0]
-    norm = jnp.max(norms, axis=0) if math.isinf(p) else _measure.combine(norms, p, axis=0)
+    if math.isinf(p):
+        rows = lax.all_gather(record, axes)
+        acc = jnp.max(rows[..., :width], axis=0)
+        rest = jnp.sum(rows[..., width:], axis=0)
+    else:
+        total = lax.psum(record, axes)
+        acc, rest = total[:, :width], total[:, width:]
     return _measure.Local(
-        norm=norm,
-        nonfinite=jnp.round(jnp.sum(rows[:, 1], axis=0)).astype(jnp.int32),
-        nan=jnp.max(rows[:, 2], axis=0) > 0,
-        inf=jnp.max(rows[:, 3], axis=0) > 0,
+        acc=acc, nonfinite=_undigits(rest[:, : _measure.DIGITS]), nan=rest[:, -1] > 0
     )

@@ -1,16 +1,25 @@
-"""The measure step: partial sums in float32 in one pass, and a rescue for overflow.
+"""The measure step: per-group partial sums in one read of each leaf, branch-free where it matters.
 
-The common path is one reduction per leaf (the sum of |x|^p, or max |x|) and a
-sum across leaves, all in the accumulation dtype (float32, or float64 for
-float64 leaves). Its result is trusted when it is finite and not so small that
-squares could have underflowed; otherwise, under one `lax.cond`, a rescue path
-measures again: per leaf the largest finite magnitude M, the count of
-non-finite elements, then sum((|x| * 2^-e)^p) with 2^e the power of two
-nearest M from below, which neither overflows nor underflows. So fp16 values of
-300 and float32 values near 1e30 get the right norm, while well-scaled gradients
-pay for exactly one pass.
+**Accelerators (GPU, TPU): fixed-scale bands, no branch.** As LAPACK's `nrm2` since
+Anderson (2017), the magnitudes are split at fixed powers of two into bands, and each
+band sums |x · 2^shift|^p at its own fixed scale, chosen so that the p-th powers of its
+magnitudes lie far from overflow and underflow. For p = 2 in float32 that is three
+bands (below 2^-50, up to 2^44, above), for p = 1 two; fp16 leaves need only the
+middle one. The band sums and the non-finite count are independent sibling reductions
+over the leaf, so XLA fuses them into one read. The bands of all leaves and devices
+add without overflow (40 bits of headroom), so a single `psum` of O(groups) values
+carries them across devices, and the root is taken once, on scalars. NaN falls into
+the middle band and inf into the top one, so both propagate by themselves.
+
+**CPU: one pass, and a rescue.** XLA:CPU fuses neither sibling reductions nor the
+selects of the bands, so there each band would cost a whole pass. The common path
+is one plain sum of |x|^p per leaf; it is trusted when the group sums are finite,
+not so small that squares could have underflowed and not so large that adding them
+across devices could overflow. Otherwise one `lax.cond` measures again with the
+bands. The two paths hand the reduce step the same record.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -20,26 +29,102 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import PartitionSpec
 
 # A p-sum below this may have lost elements to underflow (|x|^p below the smallest
-# normal float32); the rescue path measures it again, scaled.
+# normal float32); the CPU common path then hands over to the bands.
 TINY = 2.0**-64
+
+# Bits between the largest p-th power a band holds and overflow: room to add 2^40
+# such values, over all leaves and devices, before a band sum could overflow.
+HEADROOM = 40
+
+# Non-finite counts cross devices as base-256 digits inside the float payload of the
+# one all-reduce: each digit sums exactly in float32 over up to 65,000 devices.
+DIGITS = 4
+DIGIT_BITS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Magnitudes in [2^lo, 2^hi) (the middle band: [2^lo, 2^hi]), summed as |x · 2^shift|^p."""
+
+    lo: int
+    hi: int
+    shift: int
+
+
+@functools.cache
+def bands(p: float, dtype: np.dtype) -> tuple[tuple[Band, ...], int]:
+    """The fixed-scale bands for the p-norm accumulated in `dtype`, lowest first.
+
+    Returns the bands and the index of the middle one (shift 0, holding 1). Each
+    band's scaled p-th powers lie in [2^-(N - P), 2^(M - HEADROOM)], N and M the
+    exponent range of `dtype` and P a margin of its mantissa bits plus two, so
+    that nothing overflows and what underflows is below rounding of the total.
+    """
+    info = np.finfo(dtype)
+    top, bottom = int(info.maxexp), -int(info.minexp)
+    hi_safe = top - HEADROOM
+    lo_safe = bottom - (int(info.nmant) + 2)
+    width = max(int((hi_safe + lo_safe) / p), 1)
+    middle_hi = math.floor(hi_safe / p)
+    # For p = 1 the powers of normal numbers are normal: no band below is needed.
+    middle_lo = -bottom if p == 1 else -math.floor(lo_safe / p)
+    middle = Band(middle_lo, middle_hi, 0)
+    upper, hi = [], middle_hi
+    while hi < top:
+        lo, hi = hi, min(hi + width, top)
+        upper.append(Band(lo, hi, -math.ceil(hi - hi_safe / p)))
+    lower, lo = [], middle_lo
+    while lo > -bottom:
+        hi, lo = lo, max(lo - width, -bottom)
+        lower.append(Band(lo, hi, math.ceil(-lo_safe / p - lo)))
+    return (*reversed(lower), middle, *upper), len(lower)
+
+
+def _leaf_bands(p: float, dtype: np.dtype, leaf: Any) -> list[int]:
+    """Indices of the bands that magnitudes of `leaf`'s dtype can fall into."""
+    info = np.finfo(jnp.finfo(leaf).dtype)
+    smallest, largest = int(info.minexp) - int(info.nmant), int(info.maxexp)
+    found, _ = bands(p, dtype)
+    return [i for i, b in enumerate(found) if b.hi > smallest and b.lo < largest]
+
+
+def _opaque(value: float, dtype: Any) -> jax.Array:
+    """A constant XLA cannot fold into its neighbours.
+
+    XLA's simplifier rewrites (|x| · c)² as x² · c² and (x · c₁) · c₂ as x · (c₁c₂);
+    with c = 2^76, c² is inf in float32 and x² may underflow: 0 · inf = NaN. Behind
+    an optimization barrier the scale stays where the bands put it.
+    """
+    return lax.optimization_barrier(jnp.asarray(value, dtype))
+
+
+def times_pow2(x: jax.Array, exponent: float) -> jax.Array:
+    """x · 2^exponent, in steps that stay representable (2^-168 is not a float32)."""
+    while exponent < -100:
+        x, exponent = x * _opaque(2.0**-100, x.dtype), exponent + 100
+    while exponent > 100:
+        x, exponent = x * _opaque(2.0**100, x.dtype), exponent - 100
+    return x * _opaque(2.0**exponent, x.dtype) if exponent else x
 
 
 class Local(NamedTuple):
-    """What one device knows about each group: the reduce step combines these.
+    """What one device knows about each group: what the reduce step adds up.
 
     Attributes:
-      norm: the norm of the finite elements of each group.
-      nonfinite: the number of non-finite elements of each group.
+      acc: `[groups, bands]` band sums of the finite elements (for the max-norm,
+        `[groups, 1]`: the largest finite magnitude).
+      nonfinite: the number of non-finite elements of each group (int32).
       nan: whether each group holds a NaN.
-      inf: whether each group holds an infinity.
     """
 
-    norm: jax.Array
+    acc: jax.Array
     nonfinite: jax.Array
     nan: jax.Array
-    inf: jax.Array
 
 
 class Norms(NamedTuple):
@@ -47,7 +132,8 @@ class Norms(NamedTuple):
 
     Attributes:
       norm: NaN if the group holds a NaN, else inf if it holds an inf, else its norm.
-      finite: the norm of the group's finite elements.
+      finite: the norm of the group's finite elements (measured with `masked=True`;
+        otherwise exact only where the group is finite).
       nonfinite: the number of non-finite elements (int32).
     """
 
@@ -77,33 +163,100 @@ def _abs_pow(x: jax.Array, p: float, dtype: Any) -> jax.Array:
     return a if p == 1 else a**p
 
 
+def _pow(a: jax.Array, p: float) -> jax.Array:
+    return jnp.square(a) if p == 2 else (a if p == 1 else a**p)
+
+
 def power_sum(x: jax.Array, p: float, dtype: Any, axis: Any = None) -> jax.Array:
-    """The common-path partial: sum of |x|^p over `axis` (max |x| when p is inf)."""
+    """The CPU common-path partial: sum of |x|^p over `axis` (max |x| when p is inf)."""
     keepdims = axis is not None
     if math.isinf(p):
         return jnp.max(magnitude(x, dtype), axis=axis, keepdims=keepdims, initial=0.0)
-    if p not in (1, 2) and axis is None and not jnp.iscomplexobj(x):
-        return _real_power_sum(x, p, np.dtype(dtype))
+    if p not in (1, 2) and not jnp.iscomplexobj(x):
+        return _real_power_sum(x, p, np.dtype(dtype), axis)
     return jnp.sum(_abs_pow(x, p, dtype), axis=axis, keepdims=keepdims)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _real_power_sum(x: jax.Array, p: float, dtype: np.dtype) -> jax.Array:
-    return jnp.sum(_abs_pow(x, p, dtype))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _real_power_sum(x: jax.Array, p: float, dtype: np.dtype, axis: Any) -> jax.Array:
+    return jnp.sum(_abs_pow(x, p, dtype), axis=axis, keepdims=axis is not None)
 
 
 @_real_power_sum.defjvp
 def _real_power_sum_jvp(
-    p: float, dtype: np.dtype, primals: tuple[jax.Array], tangents: tuple[jax.Array]
+    p: float, dtype: np.dtype, axis: Any, primals: tuple[jax.Array], tangents: tuple[jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
-    # When the sum overflows the rescue path takes over; its derivative p|x|^(p-1) may
+    # When the sum overflows the bands take over; the derivative p|x|^(p-1) may
     # overflow too, and the zero cotangent it then receives would make 0 * inf = NaN.
     (x,), (t,) = primals, tangents
-    out = _real_power_sum(x, p, dtype)
+    out = _real_power_sum(x, p, dtype, axis)
     xs = x.astype(dtype)
     slope = p * jnp.abs(xs) ** (p - 1) * jnp.sign(xs)
-    slope = jnp.where(jnp.isfinite(out), slope, 0.0)
-    return out, jnp.sum(slope * t.astype(dtype))
+    slope = jnp.where(jnp.isfinite(xs), slope, 0.0)
+    return out, jnp.sum(slope * t.astype(dtype), axis=axis, keepdims=axis is not None)
+
+
+def band_sums(
+    x: jax.Array,
+    p: float,
+    dtype: np.dtype,
+    masked: bool,
+    axis: Any = None,
+    tiny: bool = True,
+) -> list[jax.Array]:
+    """The band sums of one leaf over `axis`, one sibling reduction per band it can reach.
+
+    Bands the leaf's dtype cannot reach are zeros, not reductions. The lowest band a
+    leaf uses has no lower limit and the highest no upper one. Unmasked, NaN (which
+    fails every comparison) lands in the middle band and inf in the top one, so both
+    propagate; masked, non-finite elements add nothing. With `tiny=False` the bands
+    below the middle are left out and tiny magnitudes are summed unscaled (their
+    squares may underflow to 0).
+    """
+    found, middle = bands(p, dtype)
+    used = [i for i in _leaf_bands(p, dtype, x) if tiny or i >= middle]
+    a = magnitude(x, dtype)
+    if masked:
+        a = jnp.where(jnp.isfinite(a), a, 0.0)
+    keepdims = axis is not None
+    out = []
+    for i, band in enumerate(found):
+        if i not in used:
+            out.append(jnp.zeros_like(jnp.sum(a, axis=axis, keepdims=keepdims) * 0.0))
+            continue
+        lo, hi = 2.0**band.lo, 2.0**band.hi
+        low_check, high_check = i != used[0], i != used[-1]
+        if i == middle:
+            outside = jnp.zeros(a.shape, bool)
+            if low_check:
+                outside |= a < lo
+            if high_check:
+                outside |= a > hi
+            term = jnp.where(outside, 0.0, _pow(a, p))
+        else:
+            inside = jnp.ones(a.shape, bool)
+            if low_check:
+                inside &= a >= lo if i < middle else a > lo
+            if high_check:
+                inside &= a < hi if i < middle else a <= hi
+            term = jnp.where(inside, _pow(times_pow2(a, band.shift), p), 0.0)
+        out.append(jnp.sum(term, axis=axis, keepdims=keepdims))
+    return out
+
+
+def combine_bands(acc: Sequence[jax.Array], p: float, dtype: np.dtype) -> jax.Array:
+    """The p-norm from band sums (finite, >= 0), elementwise: rooted once, at the top band."""
+    found, _ = bands(p, dtype)
+    result = jnp.zeros_like(acc[0])
+    for t in range(len(found)):
+        # Lower bands brought to band t's scale, smallest first; what underflows there is
+        # below rounding of band t's own sum.
+        total = jnp.zeros_like(acc[0])
+        for i in range(t + 1):
+            total = total + times_pow2(acc[i], p * (found[t].shift - found[i].shift))
+        candidate = times_pow2(safe_root(total, p), -found[t].shift)
+        result = jnp.where(acc[t] > 0, candidate, result)
+    return result
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -137,11 +290,10 @@ def _binary_scales(top: jax.Array) -> tuple[jax.Array, jax.Array]:
 def scaled_norm(a: jax.Array, top: jax.Array, p: float, axis: Any, dtype: Any) -> jax.Array:
     """||a||_p for a >= 0 with max `top`, neither overflowing nor underflowing.
 
-    `a` is scaled by the power of two that brings `top` into [1, 2), summed, and the
-    root scaled back. Powers of two are exact, and a multiplication never makes the
-    denormals that x / top can: XLA on CPU divides by way of the reciprocal, and
-    1 / 1e38 flushes to zero. The powers are built from the exponent bits, which
-    compiles to far less than `frexp` and `ldexp`.
+    For small arrays of norms (scalars already reduced): `a` is scaled by the power
+    of two that brings `top` into [1, 2), summed, and the root scaled back. Powers
+    of two are exact, and a multiplication never makes the denormals that x / top
+    can: XLA on CPU divides by way of the reciprocal, and 1 / 1e38 flushes to zero.
     """
     down, up = _binary_scales(top)
     root = safe_root(jnp.sum(_abs_pow(a * down, p, dtype), axis=axis, keepdims=True), p)
@@ -156,101 +308,196 @@ def combine(norms: jax.Array, p: float, axis: Any = None) -> jax.Array:
     return jnp.squeeze(scaled_norm(norms, top, p, axis, norms.dtype), axis=axis)
 
 
-def _segment(values: jax.Array, segments: np.ndarray, num: int, op: str) -> jax.Array:
-    if num == 1:
-        return jnp.max(values, keepdims=True) if op == "max" else jnp.sum(values, keepdims=True)
+def _segment(values: jax.Array, segments: Any, num: int, op: str) -> jax.Array:
+    """Per-group sums (or maxima) along the leading axis of `values`, one row per leaf."""
+    segments = np.asarray(segments, np.int32)
     if len(segments) == num and np.array_equal(segments, np.arange(num)):
         return values
+    if num == 1:
+        reduce = jnp.max if op == "max" else jnp.sum
+        return reduce(values, axis=0, keepdims=True)
     if op == "max":
         return jax.ops.segment_max(values, segments, num_segments=num)
     return jax.ops.segment_sum(values, segments, num_segments=num)
 
 
-def _rescue_leaf(x: jax.Array, p: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """One leaf measured again: the norm of its finite elements, scaled by their largest
-    magnitude so that nothing overflows or underflows, and its count of non-finite ones.
-
-    Each of the three reductions masks the non-finite elements in its own way rather
-    than sharing one masked copy of the leaf. XLA:CPU still materialises each masked
-    operand (it fuses no `select` into a reduction), so on CPU this branch reserves
-    temporaries the size of the leaves even when it is not taken.
-    """
-    count = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
-    a = magnitude(x, dtype)
-    top = jnp.max(jnp.where(a < jnp.inf, a, 0.0), initial=0.0)
-    if not math.isinf(p):
-        down, up = _binary_scales(top)
-        # Finite elements are at most `top`, so scaled they are below 2; NaN and inf are not.
-        work = x if jnp.iscomplexobj(x) else x.astype(dtype)
-        scaled = magnitude(work * down, dtype)
-        total = jnp.sum(_abs_pow(jnp.where(scaled < 2, scaled, 0.0), p, dtype))
-        top = safe_root(total, p) * up
-    return top, count
+def _count(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 
 
-def _nonfinite_probe(
+def _mask_rows(values: jax.Array, counted: jax.Array | None) -> jax.Array:
+    if counted is None:
+        return values
+    where = counted.reshape(counted.shape + (1,) * (values.ndim - 1))
+    return jnp.where(where, values, jnp.zeros_like(values))
+
+
+def _banded(
     arrays: Sequence[jax.Array],
-    segments: np.ndarray,
+    seg: np.ndarray,
     num: int,
-    dtype: Any,
+    p: float,
+    dtype: np.dtype,
     counted: jax.Array | None,
-    like: jax.Array,
+    masked: bool,
+) -> Local:
+    """The branch-free measure: per leaf, independent sibling reductions, then per group."""
+    counts = _mask_rows(jnp.stack([_count(x) for x in arrays]), counted)
+    nonfinite = _segment(counts, seg, num, "sum").astype(jnp.int32)
+    if math.isinf(p) or masked:
+        nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
+        nan = _segment(nans, seg, num, "max")
+    if math.isinf(p):
+        # A masked max and a NaN flag: XLA:CPU's max drops NaN, other backends keep it.
+        tops = []
+        for x in arrays:
+            a = magnitude(x, dtype)
+            tops.append(jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0))
+        acc = _mask_rows(jnp.stack(tops)[:, None], counted)
+        return Local(_segment(acc, seg, num, "max"), nonfinite, nan)
+    rows = jnp.stack([jnp.stack(band_sums(x, p, dtype, masked)) for x in arrays])
+    acc = _segment(_mask_rows(rows, counted), seg, num, "sum")
+    if not masked:
+        nan = jnp.isnan(jnp.sum(acc, axis=1))
+    return Local(jnp.where(jnp.isfinite(acc), acc, 0.0), nonfinite, nan)
+
+
+def _nan_probe(
+    arrays: Sequence[jax.Array], seg: np.ndarray, num: int, dtype: Any, counted: jax.Array | None
 ) -> jax.Array:
-    """Whether each group may hold a NaN that its max-norm partial lost.
+    """Whether each group may hold a NaN that its max partial lost, for XLA:CPU only.
 
     XLA:CPU (jax 0.10) reduces `max` with an instruction that drops NaN: the max of
     |x| over a large array holding a NaN comes out finite, and wrong. A sum does
-    not drop NaN, so on CPU a second pass sums |x| * 0, which is NaN exactly when
-    an element is NaN or inf. Other platforms propagate NaN through `max` as XLA
-    specifies, and pay nothing.
+    not drop NaN: the sum of |x| * 0 is NaN exactly when an element is NaN or inf.
     """
-
-    def probe() -> jax.Array:
-        sums = jnp.stack([jnp.sum(magnitude(x, dtype) * 0.0) for x in arrays])
-        if counted is not None:
-            sums = jnp.where(counted, sums, 0.0)
-        return jnp.isnan(_segment(sums, segments, num, "sum"))
-
-    def no() -> jax.Array:
-        # zeros_like keeps the varying mesh axes of `like` (the totals), as `probe` has them.
-        return jnp.zeros_like(like, bool)
-
-    return lax.platform_dependent(cpu=probe, default=no)
+    sums = _mask_rows(jnp.stack([jnp.sum(magnitude(x, dtype) * 0.0) for x in arrays]), counted)
+    return jnp.isnan(_segment(sums, seg, num, "sum"))
 
 
-def _rescue(
+def _cpu(
     arrays: Sequence[jax.Array],
-    partials: jax.Array,
-    segments: np.ndarray,
+    seg: np.ndarray,
     num: int,
     p: float,
-    dtype: Any,
+    dtype: np.dtype,
     counted: jax.Array | None,
+    masked: bool,
 ) -> Local:
-    # Each leaf is measured again on its own and the leaf norms are combined per group
-    # afterwards. Leaves are never concatenated: under jit with sharded leaves XLA would
-    # gather them. The NaN flags come from the first pass: a leaf's sum of |x|^p is NaN
-    # exactly when it holds a NaN, and a group with non-finite elements but no NaN holds
-    # an inf.
-    measured = [_rescue_leaf(x, p, dtype) for x in arrays]
-    norm = jnp.stack([n for n, _ in measured])
-    count = jnp.stack([c for _, c in measured])
+    """One plain pass, trusted when safe; otherwise the bands, under one `lax.cond`."""
+    partials = _mask_rows(jnp.stack([power_sum(x, p, dtype) for x in arrays]), counted)
+    totals = _segment(partials, seg, num, "max" if math.isinf(p) else "sum")
     if math.isinf(p):
-        # The max-norm partials may have lost their NaN (see `_nonfinite_probe`).
-        has_nan = jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays])
+        trusted = jnp.isfinite(totals) & ~_nan_probe(arrays, seg, num, dtype, counted)
     else:
-        has_nan = jnp.isnan(partials)
-    if counted is not None:
-        norm = jnp.where(counted, norm, 0.0)
-        count = jnp.where(counted, count, 0)
-        has_nan &= counted
-    if math.isinf(p) or np.array_equal(segments, np.arange(num)):
-        top = jnp.maximum(_segment(norm, segments, num, "max"), 0.0)
-    else:
-        top = jnp.stack([combine(norm[np.flatnonzero(segments == g)], p) for g in range(num)])
-    count = _segment(count, segments, num, "sum").astype(jnp.int32)
-    nan = _segment(has_nan, segments, num, "max")
-    return Local(norm=top, nonfinite=count, nan=nan, inf=(count > 0) & ~nan)
+        hi_safe = int(np.finfo(dtype).maxexp) - HEADROOM
+        trusted = jnp.isfinite(totals) & (totals >= TINY) & (totals <= 2.0**hi_safe)
+    found, middle = ((Band(0, 0, 0),), 0) if math.isinf(p) else bands(p, dtype)
+    width = len(found)
+
+    def common() -> Local:
+        # zeros_like keeps the totals' varying mesh axes, as the bands' outputs have them.
+        acc = jnp.zeros_like(totals, shape=(num, width)).at[:, middle].set(totals)
+        return Local(acc, jnp.zeros_like(totals, jnp.int32), jnp.zeros_like(totals, bool))
+
+    return lax.cond(
+        jnp.all(trusted), common, lambda: _banded(arrays, seg, num, p, dtype, counted, masked)
+    )
+
+
+def _varying(x: Any) -> frozenset[str]:
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", ()))
+
+
+class _ByPlatform:
+    """One function, lowered to `cpu` on CPU and to `default` on every other platform.
+
+    `lax.platform_dependent` would do, but jax 0.10 lowers it to a `stablehlo.case` on a
+    constant index even for a single platform, and a case is what the GPU/TPU step must
+    not hold. A primitive with a lowering rule per platform leaves no trace of the other
+    platform's code. Both functions compute the same values; derivatives and batching
+    go through `default`, which is branch-free.
+    """
+
+    def __init__(self, name: str, cpu: Callable[..., list[Any]], default: Callable[..., list[Any]]):
+        self.default = default
+        self.prim = core.Primitive(name)
+        self.prim.multiple_results = True
+        self.prim.def_impl(self._impl)
+        self.prim.def_abstract_eval(self._abstract)
+        mlir.register_lowering(self.prim, mlir.lower_fun(default, multiple_results=True))
+        mlir.register_lowering(
+            self.prim, mlir.lower_fun(cpu, multiple_results=True), platform="cpu"
+        )
+        ad.primitive_jvps[self.prim] = self._jvp
+        batching.primitive_batchers[self.prim] = self._batch
+
+    def __call__(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
+        # Under shard_map every operand gets the union of their varying axes, so the
+        # outputs can take the type of the first one (a no-op at run time).
+        varying = frozenset().union(*(_varying(x) for x in args))
+        args = tuple(
+            lax.pcast(x, tuple(sorted(varying - _varying(x))), to="varying")
+            if varying - _varying(x)
+            else x
+            for x in args
+        )
+        return self.prim.bind(*args, **params)
+
+    def _impl(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
+        return _jitted(self.prim, tuple(sorted(params.items())))(*args)
+
+    def _abstract(self, *avals: Any, **params: Any) -> list[Any]:
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+        outs = jax.eval_shape(functools.partial(self.default, **params), *structs)
+        like = avals[0]
+        return [
+            like.update(
+                shape=o.shape,
+                dtype=o.dtype,
+                weak_type=False,
+                sharding=like.sharding.update(spec=PartitionSpec()),
+            )
+            for o in outs
+        ]
+
+    def _jvp(
+        self, primals: Sequence[jax.Array], tangents: Sequence[Any], **params: Any
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        outs = self.prim.bind(*primals, **params)
+        _, out_tangents = jax.jvp(functools.partial(self.default, **params), primals, tangents)
+        return outs, out_tangents
+
+    def _batch(
+        self, args: Sequence[jax.Array], dims: Sequence[Any], **params: Any
+    ) -> tuple[list[jax.Array], list[int]]:
+        in_axes = [None if d is batching.not_mapped else d for d in dims]
+        outs = jax.vmap(functools.partial(self.default, **params), in_axes=in_axes)(*args)
+        return outs, [0] * len(outs)
+
+
+@functools.cache
+def _jitted(prim: Any, params: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
+
+
+def _group_args(flat: Sequence[jax.Array], has_counted: bool) -> tuple[list[Any], Any]:
+    return (list(flat[:-1]), flat[-1]) if has_counted else (list(flat), None)
+
+
+def _group_cpu(*flat: jax.Array, has_counted: bool, **params: Any) -> list[jax.Array]:
+    arrays, counted = _group_args(flat, has_counted)
+    return list(_cpu(arrays, counted=counted, **params))
+
+
+def _group_default(*flat: jax.Array, has_counted: bool, **params: Any) -> list[jax.Array]:
+    arrays, counted = _group_args(flat, has_counted)
+    return list(_banded(arrays, counted=counted, **params))
+
+
+_GROUP_NORMS = _ByPlatform("optaxclip_group_partials", _group_cpu, _group_default)
 
 
 def local_group_norms(
@@ -260,8 +507,9 @@ def local_group_norms(
     p: float,
     dtype: Any,
     counted: jax.Array | None = None,
+    masked: bool = True,
 ) -> Local:
-    """Per-group norms of this device's leaves: one pass, rescued by one `lax.cond`.
+    """Per-group partials of this device's leaves, by the platform's measure.
 
     Args:
       arrays: the leaves.
@@ -271,15 +519,24 @@ def local_group_norms(
       dtype: the accumulation dtype.
       counted: optional bool per leaf; a leaf marked False adds nothing (it is
         counted on another device).
+      masked: whether the band sums skip non-finite elements, so that
+        `Norms.finite` is the norm of the finite rest (one more reduction per leaf
+        on accelerators); unmasked, NaN and inf propagate into the norm by themselves.
     """
     return _local_group_norms(
-        list(arrays), counted, segments=tuple(segments), num=num, p=p, dtype=np.dtype(dtype)
+        list(arrays),
+        counted,
+        segments=tuple(segments),
+        num=num,
+        p=p,
+        dtype=np.dtype(dtype),
+        masked=masked,
     )
 
 
-# Jitted so that eager calls compile the `lax.cond` once per shape, not once per call;
-# under an outer `jit` it is inlined.
-@functools.partial(jax.jit, static_argnames=("segments", "num", "p", "dtype"))
+# Jitted so that eager calls compile once per shape, not once per call; under an outer
+# `jit` it is inlined.
+@functools.partial(jax.jit, static_argnames=("segments", "num", "p", "dtype", "masked"))
 def _local_group_norms(
     arrays: list[jax.Array],
     counted: jax.Array | None,
@@ -288,39 +545,36 @@ def _local_group_norms(
     num: int,
     p: float,
     dtype: np.dtype,
+    masked: bool,
 ) -> Local:
     seg = np.asarray(segments, dtype=np.int32)
+    width = 1 if math.isinf(p) else len(bands(p, dtype)[0])
     if not arrays:
         zeros = jnp.zeros([num], dtype)
-        return Local(zeros, jnp.zeros([num], jnp.int32), zeros > 0, zeros > 0)
-    partials = jnp.stack([power_sum(x, p, dtype) for x in arrays])
-    if counted is not None:
-        partials = jnp.where(counted, partials, 0.0)
-    op = "max" if math.isinf(p) else "sum"
-    totals = _segment(partials, seg, num, op)
-    trusted = jnp.isfinite(totals)
-    if math.isinf(p):
-        # A max reduction may lose a NaN; the rescue then finds it.
-        trusted &= ~_nonfinite_probe(arrays, seg, num, dtype, counted, like=totals)
-    else:
-        trusted &= totals >= TINY
-
-    def common() -> Local:
-        # zeros_like keeps the totals' varying mesh axes, as the rescue's outputs have them.
-        no = jnp.zeros_like(totals, bool)
-        return Local(safe_root(totals, p), jnp.zeros_like(totals, jnp.int32), no, no)
-
-    # The rescue reads only the NaN flags of the first pass; without stop_gradient a zero
-    # cotangent would still flow through an overflowed |x|^p, and 0 * inf is NaN.
-    flags = lax.stop_gradient(partials)
-    return lax.cond(
-        jnp.all(trusted), common, lambda: _rescue(arrays, flags, seg, num, p, dtype, counted)
+        return Local(jnp.zeros([num, width], dtype), jnp.zeros([num], jnp.int32), zeros > 0)
+    flat = [*arrays, counted] if counted is not None else arrays
+    acc, nonfinite, nan = _GROUP_NORMS(
+        *flat,
+        has_counted=counted is not None,
+        seg=segments,
+        num=num,
+        p=p,
+        dtype=dtype,
+        masked=masked,
     )
+    return Local(acc, nonfinite, nan)
 
 
-def finish(local: Local) -> Norms:
-    norm = jnp.where(local.nan, jnp.nan, jnp.where(local.inf, jnp.inf, local.norm))
-    return Norms(norm=norm, finite=local.norm, nonfinite=local.nonfinite.astype(jnp.int32))
+def finish(local: Local, p: float) -> Norms:
+    """The norms from reduced partials: the root, taken once, and NaN/inf as counted."""
+    if math.isinf(p):
+        finite = local.acc[:, 0]
+    else:
+        dtype = np.dtype(local.acc.dtype)
+        finite = combine_bands(list(local.acc.T), p, dtype)
+    inf = local.nonfinite > 0
+    norm = jnp.where(local.nan, jnp.nan, jnp.where(inf, jnp.inf, finite))
+    return Norms(norm=norm, finite=finite, nonfinite=local.nonfinite.astype(jnp.int32))
 
 
 def group_norms(
@@ -331,12 +585,13 @@ def group_norms(
     dtype: Any,
     counted: jax.Array | None = None,
     reduce: Reducer | None = None,
+    masked: bool = True,
 ) -> Norms:
     """Measure and reduce: the norms of `num` groups of leaves, combined across devices."""
-    local = local_group_norms(arrays, segments, num, p, dtype, counted)
+    local = local_group_norms(arrays, segments, num, p, dtype, counted, masked)
     if reduce is not None:
         local = reduce(local)
-    return finish(local)
+    return finish(local, p)
 
 
 def default_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -379,11 +634,11 @@ def unit_norms(
     dtype: Any,
     rescue_tiny: bool,
 ) -> UnitNorms:
-    """L2 norms over `axes` of each leaf, NaN/inf propagating, rescued by one `lax.cond`.
+    """L2 norms over `axes` of each leaf, NaN/inf propagating, by the platform's measure.
 
-    With `rescue_tiny=False` only overflow is rescued: the policies that use it
-    compare unit norms with thresholds far above 1e-19, where underflow cannot
-    change a decision, and zero units (unused embedding rows) stay on the fast path.
+    With `rescue_tiny=False` units whose squares underflow may come out as 0: the
+    policies that use it compare unit norms with thresholds far above 1e-19, where
+    that cannot change a decision, and they skip the lowest band.
     """
     return _unit_norms(
         list(arrays),
@@ -391,6 +646,51 @@ def unit_norms(
         dtype=np.dtype(dtype),
         rescue_tiny=rescue_tiny,
     )
+
+
+def _unit_banded(
+    arrays: Sequence[jax.Array],
+    axes: tuple[tuple[int, ...], ...],
+    dtype: np.dtype,
+    rescue_tiny: bool,
+) -> UnitNorms:
+    norms = []
+    for x, ax in zip(arrays, axes, strict=True):
+        sums = band_sums(x, 2.0, dtype, masked=False, axis=ax, tiny=rescue_tiny)
+        total = sum(sums[1:], sums[0])
+        n = combine_bands([jnp.where(jnp.isfinite(s), s, 0.0) for s in sums], 2.0, dtype)
+        n = jnp.where(jnp.isinf(total), jnp.inf, n)
+        norms.append(jnp.where(jnp.isnan(total), jnp.nan, n))
+    return UnitNorms(norms, jnp.stack([_count(x) for x in arrays]))
+
+
+def _unit_cpu(
+    arrays: Sequence[jax.Array],
+    axes: tuple[tuple[int, ...], ...],
+    dtype: np.dtype,
+    rescue_tiny: bool,
+) -> UnitNorms:
+    sums = [power_sum(x, 2.0, dtype, axis=ax) for x, ax in zip(arrays, axes, strict=True)]
+    trusted = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
+    if rescue_tiny:
+        trusted &= jnp.all(jnp.stack([jnp.all(s >= TINY) for s in sums]))
+
+    def common() -> UnitNorms:
+        counts = jnp.zeros_like(jnp.stack([s.ravel()[0] for s in sums]), jnp.int32)
+        return UnitNorms([safe_root(s, 2.0) for s in sums], counts)
+
+    return lax.cond(trusted, common, lambda: _unit_banded(arrays, axes, dtype, rescue_tiny))
+
+
+def _unit_flat(fn: Callable[..., UnitNorms]) -> Callable[..., list[jax.Array]]:
+    def flat(*arrays: jax.Array, **params: Any) -> list[jax.Array]:
+        out = fn(list(arrays), **params)
+        return [*out.norms, out.nonfinite]
+
+    return flat
+
+
+_UNIT_NORMS = _ByPlatform("optaxclip_unit_norms", _unit_flat(_unit_cpu), _unit_flat(_unit_banded))
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "dtype", "rescue_tiny"))
@@ -403,26 +703,5 @@ def _unit_norms(
 ) -> UnitNorms:
     if not arrays:
         return UnitNorms([], jnp.zeros([0], jnp.int32))
-    sums = [power_sum(x, 2.0, dtype, axis=ax) for x, ax in zip(arrays, axes, strict=True)]
-    finite = jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums])
-    trusted = jnp.all(finite)
-    if rescue_tiny:
-        trusted &= jnp.all(jnp.stack([jnp.all(s >= TINY) for s in sums]))
-
-    def common() -> UnitNorms:
-        return UnitNorms([safe_root(s, 2.0) for s in sums], jnp.zeros_like(finite, jnp.int32))
-
-    def rescue() -> UnitNorms:
-        norms, counts = [], []
-        for x, ax in zip(arrays, axes, strict=True):
-            finite = jnp.isfinite(x)
-            a = jnp.where(finite, magnitude(x, dtype), 0.0)
-            top = jnp.max(a, axis=ax, keepdims=True, initial=0.0)
-            n = scaled_norm(a, top, 2.0, ax, dtype)
-            n = jnp.where(jnp.any(jnp.isinf(x), axis=ax, keepdims=True), jnp.inf, n)
-            n = jnp.where(jnp.any(jnp.isnan(x), axis=ax, keepdims=True), jnp.nan, n)
-            norms.append(n)
-            counts.append(jnp.sum(~finite, dtype=jnp.int32))
-        return UnitNorms(norms, jnp.stack(counts))
-
-    return lax.cond(trusted, common, rescue)
+    *norms, counts = _UNIT_NORMS(*arrays, axes=axes, dtype=dtype, rescue_tiny=rescue_tiny)
+    return UnitNorms(list(norms), counts)

@@ -42,7 +42,7 @@ def global_norm(
     arrays = view.arrays
     plan = _distributed.plan(view, axis_name, replicated, where)
     norms = _measure.group_norms(
-        arrays, [0] * len(arrays), 1, p, view.dtype, plan.counted, plan.reducer(p)
+        arrays, [0] * len(arrays), 1, p, view.dtype, plan.counted, plan.reducer(p), masked=False
     )
     return norms.norm[0]
 
@@ -60,7 +60,9 @@ def leaf_norms(tree: Any, *, ord: Any = None) -> Any:
     view = _tree.view(tree, where)
     _distributed.refuse_unreduced(view, where)
     arrays = view.arrays
-    norms = _measure.group_norms(arrays, list(range(len(arrays))), len(arrays), p, view.dtype)
+    norms = _measure.group_norms(
+        arrays, list(range(len(arrays))), len(arrays), p, view.dtype, masked=False
+    )
     out = [jnp.zeros([], jnp.float32)] * len(view.leaves)
     for k, i in enumerate(view.active):
         out[i] = norms.norm[k].astype(_tree.accumulation_dtype(_tree.leaf_dtype(view.leaves[i])))
