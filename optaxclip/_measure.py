@@ -467,14 +467,16 @@ class _ByPlatform:
     ) -> tuple[list[jax.Array], list[jax.Array]]:
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         outs = self.prim.bind(*primals, **params)
-        _, out_tangents = jax.jvp(functools.partial(self.default, **params), primals, tangents)
+        _, out_tangents = jax.jvp(
+            functools.partial(self.default, **params), tuple(primals), tuple(tangents)
+        )
         return outs, out_tangents
 
     def _batch(
         self, args: Sequence[jax.Array], dims: Sequence[Any], **params: Any
     ) -> tuple[list[jax.Array], list[int]]:
-        in_axes = [None if d is batching.not_mapped else d for d in dims]
-        outs = jax.vmap(functools.partial(self.default, **params), in_axes=in_axes)(*args)
+        # An unbatched operand's dimension is None (`batching.not_mapped`), as vmap spells it.
+        outs = jax.vmap(functools.partial(self.default, **params), in_axes=list(dims))(*args)
         return outs, [0] * len(outs)
 
 
