@@ -227,7 +227,9 @@ def loss_scale(
         # anyway, and torch's `unscale_` is the same product, so the two agree bit for
         # bit (for the power-of-two scales of the defaults it is the exact quotient).
         # The unscaled leaves are measured as the inner transform will see them, in
-        # their own dtype, and XLA fuses the product into the norm's read of the leaf.
+        # their own dtype, so a value that overflows only once unscaled is caught too.
+        # XLA:GPU fuses the product into the norm's read of the leaf; XLA:CPU, which
+        # does not fuse producers into its reductions, writes the unscaled leaves once.
         unscaled = [_unscale(x, scale) for x in view.arrays]
         norms = _measure.group_norms(
             unscaled, [0] * len(unscaled), 1, 2.0, view.dtype, plan.counted, plan.reducer(2.0)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from _examples import load
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
@@ -552,3 +553,24 @@ def test_non_numbers_and_positional_options_are_type_errors() -> None:
         optaxclip.loss_scale(optax.identity(), name=3)
     with pytest.raises(TypeError):
         optaxclip.loss_scale(optax.identity(), 2.0**15)  # type: ignore[misc]
+
+
+def test_example_scaled_float16_run_trains_where_the_others_fail(tmp_path: Path) -> None:
+    png = tmp_path / "mixed_precision.png"
+    rows = load("mixed_precision.py").main(["--smoke", "--out", str(png)])
+    plain, fixed, scaled = rows["no loss scaling"], rows["fixed loss scale"], rows["loss_scale"]
+    # No loss scaling: the gradients underflow to exactly 0 and the loss stalls.
+    assert plain["zero_grads"] > 0.9 and not plain["nan"]
+    third = plain["trace"]["loss"][len(plain["trace"]["loss"]) // 3]
+    assert plain["final_loss"] > 0.6 * third
+    # A fixed large scale: the first step overflows and the weights turn NaN.
+    assert fixed["nan"] and fixed["first_nan_step"] == 1
+    # loss_scale from the same scale: skips the overflowing steps, then trains.
+    assert not scaled["nan"] and scaled["zero_grads"] < 0.01
+    assert scaled["final_loss"] < plain["final_loss"] / 5
+    assert scaled["final_loss"] < scaled["first_loss"] / 20
+    trace = scaled["trace"]
+    assert 1 <= scaled["skipped"] < 10 and bool(trace["skipped"][0])
+    for t in np.flatnonzero(trace["skipped"][:-1]):
+        assert trace["scale"][t + 1] == trace["scale"][t] / 2
+    assert png.stat().st_size > 10_000
