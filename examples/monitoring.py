@@ -131,9 +131,15 @@ def draw(rows: list[dict[str, Any]], layers: int, max_norm: float, path: Path) -
     pre = np.array([row["clip/grad_norm"] for row in rows])
     post = pre * np.array([row["clip/scale"] for row in rows])
 
-    fig, (heat, line) = plt.subplots(
-        2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.1]}
+    fig, ((heat, bar), (line, spare)) = plt.subplots(
+        2,
+        2,
+        figsize=(9, 6.5),
+        sharex="col",
+        layout="constrained",
+        gridspec_kw={"height_ratios": [1, 1.1], "width_ratios": [40, 1]},
     )
+    spare.axis("off")
     image = heat.imshow(
         per_layer.T,
         aspect="auto",
@@ -145,18 +151,19 @@ def draw(rows: list[dict[str, Any]], layers: int, max_norm: float, path: Path) -
     )
     heat.plot(
         steps[clipped],
-        np.full(clipped.sum(), layers - 0.5),
-        "v",
+        np.full(clipped.sum(), 1.025),
+        "|",
         color="crimson",
-        markersize=4,
+        markersize=7,
+        transform=heat.get_xaxis_transform(),  # x in steps, y just above the top edge
         clip_on=False,
         label=f"clip event ({clipped.sum()} of {len(steps)} steps)",
     )
     heat.set_yticks(range(layers))
     heat.set_ylabel("layer of the stack")
-    heat.set_title("Raw gradient norm of each layer: monitor(stacked=...) before the clip")
+    heat.set_title("Raw gradient norm of each layer: monitor(stacked=...) before the clip", pad=12)
     heat.legend(loc="upper right", fontsize=8, framealpha=0.9)
-    fig.colorbar(image, ax=heat, label="per-layer gradient norm", pad=0.01)
+    fig.colorbar(image, cax=bar, label="per-layer gradient norm")
 
     line.plot(steps, pre, color="tab:blue", lw=1.2, label="pre-clip: clip/grad_norm")
     line.plot(
@@ -168,8 +175,6 @@ def draw(rows: list[dict[str, Any]], layers: int, max_norm: float, path: Path) -
     line.set_ylabel("global gradient norm")
     line.set_title("Global norm before and after clip_by_global_norm")
     line.legend(loc="upper right", fontsize=8)
-    fig.colorbar(image, ax=line, pad=0.01).remove()  # keeps both panels the same width
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
