@@ -161,38 +161,14 @@ def _exact_position(
     return low, g_hi, g_lo, rem
 
 
-def percentile(ordered: jax.Array, valid: jax.Array, q: Any) -> jax.Array:
-    """The `q` percentile of `ordered[:valid]` (sorted float32), NumPy's "linear" method.
-
-    Args:
-      ordered: a sorted float32 vector of at most `MAX_SIZE` values.
-      valid: how many leading values count (int32, at least 1).
-      q: the percentile in [0, 100]: a Python or NumPy number, or a traced scalar.
-
-    Returns:
-      A float32 scalar: the exact percentile rounded to float32 (see the module's
-      docstring for the guarantee).
-    """
-    m = valid - 1
-    frac = _fraction(q, ordered.shape[0])
-    exact: tuple[Any, jax.Array, jax.Array] | None
-    if frac is not None:
-        num, den = jnp.int32(frac[0]), jnp.int32(frac[1])
-        low, g_hi, g_lo, rem = _exact_position(m, num, den)
-        exact = (True, rem, den.astype(jnp.float32))
-    else:
-        low, g_hi, g_lo = _float_position(m, q)
-        exact = None
-        if isinstance(q, jax.core.Tracer):
-            qf = q if q.dtype == jnp.float64 else q.astype(jnp.float32)
-            whole = (qf == jnp.floor(qf)) & (qf >= 0) & (qf <= 100)
-            e = _exact_position(m, jnp.clip(qf, 0, 100).astype(jnp.int32), jnp.int32(100))
-            pairs = zip(e[:3], (low, g_hi, g_lo), strict=True)
-            low, g_hi, g_lo = (jnp.where(whole, x, y) for x, y in pairs)
-            exact = (whole, e[3], jnp.float32(100))
-    low = jnp.clip(low, 0, m)
-    high = jnp.minimum(low + 1, m)
-    a, b = ordered[low], ordered[high]
+def _interpolate(
+    a: jax.Array,
+    b: jax.Array,
+    g_hi: jax.Array,
+    g_lo: jax.Array,
+    exact: tuple[Any, jax.Array, jax.Array] | None,
+) -> jax.Array:
+    """a + (b − a)·(g_hi + g_lo) rounded once; exactly rounded when `exact` = (use, rem, den)."""
     d_hi, d_lo = _two_sum(b, -a)
     hi, lo = _sum([a, *_times(d_hi, g_hi), d_hi * g_lo, d_lo * g_hi])
     r0, err = _two_sum(hi, lo)
@@ -210,3 +186,42 @@ def percentile(ordered: jax.Array, valid: jax.Array, q: Any) -> jax.Array:
     even = (lax.bitcast_convert_type(toward, jnp.uint32) & 1) == 0
     beyond = (side * half > 0) | ((side == 0) & even & (half != 0))
     return jnp.where(use & beyond, toward, r0)
+
+
+def percentile(ordered: jax.Array, valid: jax.Array, q: Any) -> jax.Array:
+    """The `q` percentile of `ordered[:valid]` (sorted float32), NumPy's "linear" method.
+
+    Args:
+      ordered: a sorted float32 vector of at most `MAX_SIZE` values.
+      valid: how many leading values count (int32, at least 1).
+      q: the percentile in [0, 100]: a Python or NumPy number, or a traced scalar.
+
+    Returns:
+      A float32 scalar: the exact percentile rounded to float32 (see the module's
+      docstring for the guarantee). Its gradient is that of a + (b − a)·fraction.
+    """
+    m = valid - 1
+    if isinstance(q, jax.core.Tracer):
+        q = lax.stop_gradient(q)
+    frac = _fraction(q, ordered.shape[0])
+    exact: tuple[Any, jax.Array, jax.Array] | None
+    if frac is not None:
+        num, den = jnp.int32(frac[0]), jnp.int32(frac[1])
+        low, g_hi, g_lo, rem = _exact_position(m, num, den)
+        exact = (True, rem, den.astype(jnp.float32))
+    else:
+        low, g_hi, g_lo = _float_position(m, q)
+        exact = None
+        if isinstance(q, jax.core.Tracer):
+            qf = q if q.dtype == jnp.float64 else q.astype(jnp.float32)
+            whole = (qf == jnp.floor(qf)) & (qf >= 0) & (qf <= 100)
+            e = _exact_position(m, jnp.clip(qf, 0, 100).astype(jnp.int32), jnp.int32(100))
+            pairs = zip(e[:3], (low, g_hi, g_lo), strict=True)
+            low, g_hi, g_lo = (jnp.where(whole, x, y) for x, y in pairs)
+            exact = (whole, e[3], jnp.float32(100))
+    low = jnp.clip(low, 0, m)
+    a, b = ordered[low], ordered[jnp.minimum(low + 1, m)]
+    value = _interpolate(lax.stop_gradient(a), lax.stop_gradient(b), g_hi, g_lo, exact)
+    # The exact value forwards; the plain interpolation carries the gradient.
+    approx = a + (b - a) * g_hi
+    return value + (approx - lax.stop_gradient(approx))
