@@ -23,8 +23,8 @@ class LossScaleState(NamedTuple):
       skipped: whether this step was skipped (all-zero updates, inner state kept).
       skip_count: the number of skipped steps so far (int32).
       loss_scale: S after this step, the factor to multiply the next loss with (float32).
-      growth_tracker: the number of finite steps since S last changed (int32), reset to
-        0 when S grows or backs off, as `torch.amp.GradScaler`'s `_growth_tracker`.
+      growth_tracker: the number of finite steps in a row since S last grew or backed off
+        (int32), as `torch.amp.GradScaler`'s `_growth_tracker`.
       inner_state: the state of the wrapped transform.
       name: the transform's name (static).
     """
