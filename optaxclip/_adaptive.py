@@ -28,6 +28,9 @@ class AutoClipState(NamedTuple):
       grad_norm: the global norm measured this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements this step (int32).
+      scale: the factor the updates were multiplied by this step (float32), so the
+        post-clip norm is `grad_norm * scale`; 1 when nothing was scaled (a non-finite
+        norm under `nonfinite="propagate"` included), 0 on a step `"skip"` zeroed.
       threshold: the percentile of the norm history used as the threshold this step.
       history: ring buffer of the last `history_size` finite global norms.
       step_count: the number of finite norms seen (int32).
@@ -37,6 +40,7 @@ class AutoClipState(NamedTuple):
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     threshold: jax.Array
     history: jax.Array
     step_count: jax.Array
@@ -50,6 +54,9 @@ class ZClipState(NamedTuple):
       grad_norm: the global norm measured this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements this step (int32).
+      scale: the factor the updates were multiplied by this step (float32), so the
+        post-clip norm is `grad_norm * scale`; 1 when nothing was scaled (a non-finite
+        norm under `nonfinite="propagate"` included), 0 on a step `"skip"` zeroed.
       threshold: the effective threshold this step (the norm itself when no
         spike was detected, capped by `max_norm` when set).
       mean: μ, the EMA of the (clipped) norm; during warm-up the running mean.
@@ -61,6 +68,7 @@ class ZClipState(NamedTuple):
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     threshold: jax.Array
     mean: jax.Array
     var: jax.Array
@@ -75,6 +83,9 @@ class QuantileClipState(NamedTuple):
       grad_norm: the global norm measured this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements this step (int32).
+      scale: the factor the updates were multiplied by this step (float32), so the
+        post-clip norm is `grad_norm * scale`; 1 when nothing was scaled (a non-finite
+        norm under `nonfinite="propagate"` included), 0 on a step `"skip"` zeroed.
       threshold: C_t, the clipping norm used this step.
       clip_norm: C_{t+1}, the clipping norm for the next step; it tracks the target quantile.
       step_count: the number of finite norms seen (int32).
@@ -84,6 +95,7 @@ class QuantileClipState(NamedTuple):
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     threshold: jax.Array
     clip_norm: jax.Array
     step_count: jax.Array
@@ -97,6 +109,8 @@ class AdaGCState(NamedTuple):
       grad_norm: the global norm measured this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements this step (int32).
+      scale: the smallest factor a leaf was multiplied by this step (float32); 1
+        when nothing was scaled, 0 on a step `nonfinite="skip"` zeroed.
       threshold: the global norm the updates were allowed this step: `warmup_max_norm`
         during warm-up, then the norm of the per-leaf limits `relative * gamma`.
       gamma: γ, one EMA of the clipped norm per leaf, in flattening order.
@@ -107,6 +121,7 @@ class AdaGCState(NamedTuple):
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     threshold: jax.Array
     gamma: jax.Array
     step_count: jax.Array
@@ -164,6 +179,7 @@ def _global_policy(
             grad_norm=decision.grad_norm,
             clipped=decision.clipped,
             nonfinite=decision.nonfinite,
+            scale=decision.scale,
             threshold=threshold,
             **stats,
         )
@@ -177,7 +193,7 @@ def _f32(value: Any) -> jax.Array:
 
 
 def _base_fields() -> dict[str, jax.Array]:
-    return {**_pipeline.initial_fields(), "threshold": jnp.full([], jnp.inf, jnp.float32)}
+    return {**_pipeline.clip_fields(), "threshold": jnp.full([], jnp.inf, jnp.float32)}
 
 
 def autoclip(
@@ -520,6 +536,7 @@ def adagc(
             grad_norm=total,
             clipped=clipped,
             nonfinite=count,
+            scale=_pipeline.smallest_scale(scale, norms, mode),
             threshold=threshold,
             gamma=gamma,
             step_count=jnp.where(finite, optax.safe_increment(state.step_count), state.step_count),

@@ -25,12 +25,18 @@ class ClipState(NamedTuple):
       grad_norm: the norm the policy measured this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements in this step's updates (int32).
+      scale: the factor the updates were multiplied by this step (float32): for a
+        global clip the one factor, so the post-clip norm is `grad_norm * scale`; for
+        per-leaf, per-unit and element-wise clips the smallest factor applied. It is
+        1 when nothing was scaled, a non-finite norm under `nonfinite="propagate"`
+        included, and 0 on a step that `nonfinite="skip"` zeroed.
       name: the policy's name (static; used by `optaxclip.stats`).
     """
 
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     name: Name
 
 
@@ -41,6 +47,8 @@ class GroupClipState(NamedTuple):
       grad_norm: the norm of all groups together this step (float32).
       clipped: whether this step changed the updates.
       nonfinite: the number of non-finite elements in this step's updates (int32).
+      scale: the smallest factor a group was multiplied by this step (float32); 1
+        when nothing was scaled, 0 on a step that `nonfinite="skip"` zeroed.
       group_norm: the norm of each group this step, by label (float32).
       name: the policy's name (static; used by `optaxclip.stats`).
     """
@@ -48,6 +56,7 @@ class GroupClipState(NamedTuple):
     grad_norm: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    scale: jax.Array
     group_norm: dict[str, jax.Array]
     name: Name
 
@@ -60,19 +69,42 @@ def initial_fields() -> dict[str, jax.Array]:
     }
 
 
+def clip_fields() -> dict[str, jax.Array]:
+    """The initial fields of a clip's state: those of every policy, and `scale`."""
+    return {**initial_fields(), "scale": jnp.ones([], jnp.float32)}
+
+
 def as_scalar(value: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(value).astype(dtype)
 
 
-def norm_scale(norm: jax.Array, max_norm: jax.Array, divisor_floor: float = 0.0) -> jax.Array:
+def norm_scale(
+    norm: jax.Array, max_norm: jax.Array, divisor_floor: float = 0.0, eps: Any = None
+) -> jax.Array:
     """min(1, max_norm / max(norm, divisor_floor)), and 1 where the norm is zero or not finite.
 
-    Both `jnp.where`s guard the division, so neither the value nor the gradient
-    ever sees 0/0 or x/inf, and `max_norm = 0` gives a scale of exactly 0.
+    With `eps` the divisor is `norm + eps`, PyTorch's `clip_grad_norm_` rule: a norm
+    within `eps` below `max_norm` is still scaled, by a factor just under 1. Both
+    `jnp.where`s guard the division, so neither the value nor the gradient ever
+    sees 0/0 or x/inf, and `max_norm = 0` gives a scale of exactly 0.
     """
-    over = jnp.isfinite(norm) & (norm > max_norm)
     divisor = jnp.maximum(norm, divisor_floor) if divisor_floor else norm
+    if eps is None:
+        over = jnp.isfinite(norm) & (norm > max_norm)
+    else:
+        divisor = divisor + as_scalar(eps, divisor.dtype)
+        over = jnp.isfinite(norm) & (norm > 0) & (divisor > max_norm)
     return jnp.where(over, max_norm / jnp.where(over, divisor, 1.0), 1.0)
+
+
+def smallest_scale(
+    scale: jax.Array, norms: _measure.Norms, nonfinite: _checks.NonFinite
+) -> jax.Array:
+    """The `scale` a group policy records: its smallest factor, 0 on a skipped step."""
+    smallest = jnp.min(scale, initial=1.0).astype(jnp.float32)
+    if nonfinite == "skip":
+        smallest = jnp.where(jnp.sum(norms.nonfinite) > 0, 0.0, smallest)
+    return smallest
 
 
 def scale_leaf(
@@ -97,6 +129,7 @@ class Decision(NamedTuple):
     clipped: jax.Array
     nonfinite: jax.Array
     norms: jax.Array
+    scale: jax.Array
 
 
 def total_norm(norms: _measure.Norms, p: float, nonfinite: _checks.NonFinite) -> jax.Array:
@@ -115,13 +148,18 @@ def clip_groups(
     max_norm: jax.Array,
     p: float,
     nonfinite: _checks.NonFinite,
+    eps: Any = None,
 ) -> Decision:
-    """Decide and apply for the norm policies: scale each group to at most `max_norm`."""
+    """Decide and apply for the norm policies: scale each group to at most `max_norm`.
+
+    `eps` (None for none) is added to each norm before dividing, as PyTorch does.
+    """
     used = norms.finite if nonfinite == "zero" else norms.norm
-    scale = norm_scale(used, max_norm)
+    scale = norm_scale(used, max_norm, eps=eps)
     updates, clipped, count = apply_scales(view, scale, segments, norms, nonfinite)
     grad_norm = used[0] if used.shape[0] == 1 else total_norm(norms, p, nonfinite)
-    return Decision(updates, grad_norm.astype(jnp.float32), clipped, count, used)
+    smallest = smallest_scale(scale, norms, nonfinite)
+    return Decision(updates, grad_norm.astype(jnp.float32), clipped, count, used, smallest)
 
 
 def apply_scales(

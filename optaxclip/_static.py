@@ -14,7 +14,22 @@ from optaxclip._pipeline import ClipState, GroupClipState, Name
 
 
 def _clip_state(name: Name) -> ClipState:
-    return ClipState(**_pipeline.initial_fields(), name=name)
+    return ClipState(**_pipeline.clip_fields(), name=name)
+
+
+def _check_eps(eps: Any, where: str) -> Any:
+    """Checks `eps`; returns None for a concrete 0, so the default adds nothing to the step."""
+    _checks.check_threshold(eps, "eps", where)
+    if _checks.is_traced(eps):
+        return eps
+    value = float(np.asarray(eps))
+    if math.isinf(value):
+        raise ValueError(
+            f"{where}: `eps` must be finite, got {value}: it is added to the norm before "
+            "dividing, and an infinite one would zero every update. PyTorch's "
+            "`clip_grad_norm_` uses eps=1e-6."
+        )
+    return None if value == 0 else eps
 
 
 def _norm_policy(
@@ -42,6 +57,7 @@ def _record(state: Any, decision: _pipeline.Decision, **extra: Any) -> Any:
         grad_norm=decision.grad_norm,
         clipped=decision.clipped,
         nonfinite=decision.nonfinite,
+        scale=decision.scale,
         **extra,
     )
 
@@ -52,7 +68,11 @@ def clip_by_value(
     """Clips every element to [-max_delta, max_delta], as `optax.clip`.
 
     The state records the largest magnitude seen as `grad_norm` (the max-norm),
-    whether any element was clipped, and the count of non-finite elements.
+    whether any element was clipped, the count of non-finite elements, and as
+    `scale` the smallest factor an element was multiplied by, min(1, max_delta /
+    grad_norm), so the largest magnitude after the clip is `grad_norm * scale`
+    (1 when the max-norm is not finite: NaN elements stay NaN, ±inf become
+    ±max_delta).
 
     Args:
       max_delta: the largest magnitude an element may keep (>= 0).
@@ -86,9 +106,12 @@ def clip_by_value(
                 y = jnp.clip(x.astype(dtype), -bound, bound)
             new.append(y.astype(x.dtype))
         norm = norms.norm[0]
-        clipped = jnp.isfinite(norm) & (norm > _pipeline.as_scalar(max_delta, norm.dtype))
+        scale = _pipeline.norm_scale(norm, _pipeline.as_scalar(max_delta, norm.dtype))
         return view.rebuild(new), state._replace(
-            grad_norm=norm.astype(jnp.float32), clipped=clipped, nonfinite=norms.nonfinite[0]
+            grad_norm=norm.astype(jnp.float32),
+            clipped=scale < 1,
+            nonfinite=norms.nonfinite[0],
+            scale=scale.astype(jnp.float32),
         )
 
     return _norm_policy(where, name, update)
@@ -98,6 +121,7 @@ def clip_by_global_norm(
     max_norm: Any,
     *,
     ord: Any = None,
+    eps: Any = 0.0,
     axis_name: Any = None,
     replicated: Any = None,
     nonfinite: _checks.NonFinite = "propagate",
@@ -106,15 +130,22 @@ def clip_by_global_norm(
     r"""Scales all updates together so that their global norm is at most `max_norm`.
 
     .. math::
-      u \leftarrow u \cdot \min\left(1, \frac{\text{max\_norm}}{\|u\|_{\text{ord}}}\right)
+      u \leftarrow u \cdot \min\left(1,
+        \frac{\text{max\_norm}}{\|u\|_{\text{ord}} + \text{eps}}\right)
 
     The norm is accumulated in float32 whatever the updates' dtype, a zero norm
     scales by 1, and `max_norm = 0` gives zeros, never NaN. The norm is kept in
-    the state as `grad_norm`, so logging it costs nothing.
+    the state as `grad_norm` and the factor applied as `scale` (so the post-clip
+    norm is `grad_norm * scale`): logging them costs nothing. `eps=1e-6` is
+    `torch.nn.utils.clip_grad_norm_` exactly, whose returned total norm is
+    `grad_norm`.
 
     Args:
       max_norm: the largest global norm the updates may have (>= 0).
       ord: the norm order: None or 2, 1, `inf`, or any real p >= 1.
+      eps: added to the norm before dividing (>= 0, finite). With `eps > 0` a norm
+        within `eps` below `max_norm` is scaled by a factor just under 1, as in
+        PyTorch; the default 0 leaves it alone.
       axis_name: under `shard_map`/`pmap`, the mesh axis (or axes) the updates are
         sharded over, so every device clips by the norm of the whole.
       replicated: with `axis_name`, a bool or tree prefix of bools marking leaves
@@ -129,12 +160,12 @@ def clip_by_global_norm(
 
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip
-      >>> tx = optax.chain(optaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
+      >>> tx = optax.chain(optaxclip.clip_by_global_norm(2.5), optax.sgd(0.1))
       >>> params = {"w": jnp.zeros(2)}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
       >>> {k: v.item() for k, v in optaxclip.stats(state).items()}
-      {'grad_norm': 5.0, 'clipped': True, 'nonfinite': 0}
+      {'grad_norm': 5.0, 'clipped': True, 'nonfinite': 0, 'scale': 0.5}
 
     References:
       Pascanu et al., `On the difficulty of training recurrent neural networks
@@ -143,6 +174,7 @@ def clip_by_global_norm(
     where = "clip_by_global_norm"
     _checks.check_threshold(max_norm, "max_norm", where)
     p = _checks.parse_ord(ord, where)
+    eps = _check_eps(eps, where)
     mode = _checks.check_nonfinite(nonfinite, where)
     _distributed.normalize_axis_name(axis_name, where)
     _checks.check_name(name, where)
@@ -156,7 +188,7 @@ def clip_by_global_norm(
             view.arrays, segments, 1, p, view.dtype, plan.counted, plan.reducer(p)
         )
         bound = _pipeline.as_scalar(max_norm, view.dtype)[None]
-        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode)
+        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode, eps)
         return decision.updates, _record(state, decision)
 
     return _norm_policy(where, name, update)
@@ -166,16 +198,21 @@ def clip_by_leaf_norm(
     max_norm: Any,
     *,
     ord: Any = None,
+    eps: Any = 0.0,
     nonfinite: _checks.NonFinite = "propagate",
     name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales each leaf so that its own norm is at most `max_norm`.
 
-    The state's `grad_norm` is the norm of all leaves together.
+    Leaf i is scaled by min(1, max_norm / (‖u_i‖ + eps)). The state's `grad_norm`
+    is the norm of all leaves together and `scale` the smallest leaf's factor.
+    With `ord=None` this is Keras's `clipnorm`.
 
     Args:
       max_norm: the largest norm each leaf may have (>= 0).
       ord: the norm order: None or 2, 1, `inf`, or any real p >= 1.
+      eps: added to each leaf's norm before dividing (>= 0, finite), as in
+        `clip_by_global_norm`.
       nonfinite: `"propagate"`, `"zero"` or `"skip"`, as in `clip_by_global_norm`.
       name: a name for this transform's entries in `optaxclip.stats`.
 
@@ -192,6 +229,7 @@ def clip_by_leaf_norm(
     where = "clip_by_leaf_norm"
     _checks.check_threshold(max_norm, "max_norm", where)
     p = _checks.parse_ord(ord, where)
+    eps = _check_eps(eps, where)
     mode = _checks.check_nonfinite(nonfinite, where)
     _checks.check_name(name, where)
 
@@ -202,7 +240,7 @@ def clip_by_leaf_norm(
         segments = list(range(len(view.arrays)))
         norms = _measure.group_norms(view.arrays, segments, len(segments), p, view.dtype)
         bound = jnp.broadcast_to(_pipeline.as_scalar(max_norm, view.dtype), [len(segments)])
-        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode)
+        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode, eps)
         return decision.updates, _record(state, decision)
 
     return _norm_policy(where, name, update)
@@ -223,6 +261,7 @@ def clip_by_group_norm(
     labels: Any,
     *,
     ord: Any = None,
+    eps: Any = 0.0,
     axis_name: Any = None,
     replicated: Any = None,
     nonfinite: _checks.NonFinite = "propagate",
@@ -232,13 +271,16 @@ def clip_by_group_norm(
 
     Leaves are grouped as in `optax.partition`: `labels` is a tree of strings
     with the structure of the parameters (or a prefix of it), or a callable
-    mapping the parameters to such a tree.
+    mapping the parameters to such a tree. Group k is scaled by
+    min(1, max_norm_k / (‖u_k‖ + eps)); the state's `scale` is the smallest factor.
 
     Args:
       max_norm: the largest norm of each group (>= 0): one number for all groups,
         or a dict from label to number.
       labels: a tree (prefix) of str labels, or a callable params -> such a tree.
       ord: the norm order: None or 2, 1, `inf`, or any real p >= 1.
+      eps: added to each group's norm before dividing (>= 0, finite), as in
+        `clip_by_global_norm`.
       axis_name: under `shard_map`/`pmap`, the mesh axis (or axes) the updates are
         sharded over; all group norms travel in one collective.
       replicated: with `axis_name`, a bool or tree prefix of bools marking
@@ -268,6 +310,7 @@ def clip_by_group_norm(
     else:
         _checks.check_threshold(max_norm, "max_norm", where)
     p = _checks.parse_ord(ord, where)
+    eps = _check_eps(eps, where)
     mode = _checks.check_nonfinite(nonfinite, where)
     _distributed.normalize_axis_name(axis_name, where)
     _checks.check_name(name, where)
@@ -296,7 +339,7 @@ def clip_by_group_norm(
 
     def init_fn(params: Any) -> GroupClipState:
         group_norm = {n: jnp.zeros([], jnp.float32) for n in group_names(params)}
-        return GroupClipState(**_pipeline.initial_fields(), group_norm=group_norm, name=label)
+        return GroupClipState(**_pipeline.clip_fields(), group_norm=group_norm, name=label)
 
     def update_fn(
         updates: Any, state: GroupClipState, params: Any = None, **extra_args: Any
@@ -324,7 +367,7 @@ def clip_by_group_norm(
             bound = jnp.stack([_pipeline.as_scalar(max_norm[n], view.dtype) for n in names])
         else:
             bound = jnp.broadcast_to(_pipeline.as_scalar(max_norm, view.dtype), [len(names)])
-        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode)
+        decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode, eps)
         group_norm = {n: decision.norms[i].astype(jnp.float32) for i, n in enumerate(names)}
         return decision.updates, _record(state, decision, group_norm=group_norm)
 
@@ -363,8 +406,14 @@ def _unit_clip(
         ]
     )
     clipped = jnp.any(jnp.stack([jnp.any(s < 1) for s in scales])) if scales else jnp.bool_(False)
+    smallest = jnp.ones([], jnp.float32)
+    for s in scales:
+        smallest = jnp.minimum(smallest, jnp.min(s, initial=1.0).astype(jnp.float32))
     return updates, state._replace(
-        grad_norm=_units_total(norms), clipped=clipped, nonfinite=jnp.sum(nonfinite)
+        grad_norm=_units_total(norms),
+        clipped=clipped,
+        nonfinite=jnp.sum(nonfinite),
+        scale=smallest,
     )
 
 

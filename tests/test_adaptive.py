@@ -25,7 +25,7 @@ DIM = 6
 STEPS = 50
 MODES = ("propagate", "zero", "skip")
 # State fields that describe the current step; every other field (but `name`) is a statistic.
-PER_STEP = {"grad_norm", "clipped", "nonfinite", "threshold"}
+PER_STEP = {"grad_norm", "clipped", "nonfinite", "scale", "threshold"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +741,7 @@ def test_stats_of_guard_around_a_clipping_chain(names: tuple[Any, Any]) -> None:
     found = optaxclip.stats(state)
     g_name, c_name = guard_name or "guard", clip_name or "clip_by_global_norm"
     guard_keys = {"grad_norm", "clipped", "nonfinite", "skipped", "skip_count"}
-    clip_keys = {"grad_norm", "clipped", "nonfinite"}
+    clip_keys = {"grad_norm", "clipped", "nonfinite", "scale"}
     assert {f"{g_name}/{k}" for k in guard_keys} <= set(found)
     assert {f"{c_name}/{k}" for k in clip_keys} == {k for k in found if k.startswith(c_name + "/")}
     assert {k.split("/")[0] for k in found} == {g_name, c_name}

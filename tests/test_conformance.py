@@ -28,6 +28,8 @@ class Policy:
     static_args: tuple[str, ...] = ()
     # Whether a small threshold clips on the very first step, and a zero one zeroes it.
     threshold_bounds_first_step: bool = True
+    # Whether it is a clip, whose state records the `scale` it applied (wrappers are not).
+    scales: bool = True
 
     def make(self, threshold: Any, **extra: Any) -> Any:
         return self.factory(**{self.threshold_arg: threshold}, **self.options, **extra)
@@ -69,9 +71,12 @@ POLICIES = {
     "zclip": Policy(optaxclip.zclip, "max_norm", {"warmup_steps": 2}),
     "quantile_clip": Policy(optaxclip.quantile_clip, "initial_norm"),
     "adagc": Policy(optaxclip.adagc, "warmup_max_norm", {"warmup_steps": 2}),
-    "guard": Policy(optaxclip.guard, "max_norm", {"inner": optax.identity()}),
+    "guard": Policy(optaxclip.guard, "max_norm", {"inner": optax.identity()}, scales=False),
     "guard_spike": Policy(
-        optaxclip.guard, "max_norm", {"inner": optax.identity(), "z_threshold": 3.0}
+        optaxclip.guard,
+        "max_norm",
+        {"inner": optax.identity(), "z_threshold": 3.0},
+        scales=False,
     ),
 }
 
@@ -310,6 +315,32 @@ def test_state_fields_and_stats(policy: Policy) -> None:
     assert state.grad_norm.dtype == jnp.float32 and state.grad_norm.shape == ()
     assert state.clipped.dtype == jnp.bool_ and state.nonfinite.dtype == jnp.int32
     assert float(optax.tree.get(state, "grad_norm")) == float(state.grad_norm)
+    assert ("scale" in found) == policy.scales, (
+        "a clip records `scale`; set scales=False in POLICIES for a transform that does not scale"
+    )
+    if policy.scales:
+        assert state.scale.dtype == jnp.float32 and state.scale.shape == ()
+        assert float(found["scale"]) == 1.0
+        assert 0 < float(state.scale) <= 1 and bool(state.clipped) == bool(state.scale < 1)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [p for p in POLICIES.values() if p.scales],
+    ids=[k for k, p in POLICIES.items() if p.scales],
+)
+def test_scale_is_the_smallest_factor_applied(policy: Policy) -> None:
+    tx = policy.make(0.5)
+    grads = make_tree(scale=3.0)
+    out, state = jax.jit(lambda g: run(tx, g))(grads)
+    ratios = np.concatenate(
+        [
+            (np.abs(np.asarray(y, np.float64)) / np.abs(np.asarray(x, np.float64))).ravel()
+            for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(out), strict=True)
+        ]
+    )
+    np.testing.assert_allclose(ratios.min(), float(state.scale), rtol=1e-5)
+    assert float(state.scale) <= 1
 
 
 @ALL

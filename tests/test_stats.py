@@ -22,8 +22,9 @@ def step(tx: Any, grads: Any = GRADS) -> Any:
 
 def test_single_state_uses_plain_field_names() -> None:
     found = optaxclip.stats(step(optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3))))
-    assert set(found) == {"grad_norm", "clipped", "nonfinite"}
+    assert set(found) == {"grad_norm", "clipped", "nonfinite", "scale"}
     assert found["grad_norm"] == pytest.approx(NORM)
+    assert found["scale"] == pytest.approx(1.0 / NORM)
     assert bool(found["clipped"]) and int(found["nonfinite"]) == 0
     assert all(isinstance(v, jax.Array) for v in found.values())
 
@@ -101,6 +102,6 @@ def test_flax_nnx_optimizer() -> None:
     train_step(model, optimizer, jnp.ones((4, 3)))
     for source in (optimizer, optimizer.opt_state):
         found = optaxclip.stats(source)
-        assert set(found) == {"grad_norm", "clipped", "nonfinite"}
+        assert set(found) == {"grad_norm", "clipped", "nonfinite", "scale"}
         assert all(type(v) is type(jnp.zeros(())) for v in found.values())
         assert float(found["grad_norm"]) > 0.1 and bool(found["clipped"])
