@@ -387,7 +387,10 @@ def test_shard_map_equals_unsharded_with_one_all_reduce(ord: float) -> None:
     place = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, SPECS)
     lowered = fn.lower(place(grads), place(params))
     collectives = collections.Counter(COLLECTIVE.findall(lowered.compile().as_text()))
-    assert collectives == {"all-reduce": 1}, collectives
+    # One collective for both trees, every group and layer; the max-norm may gather one
+    # small record per device instead of reducing.
+    allowed = [{"all-reduce": 1}, {"all-gather": 1}] if math.isinf(ord) else [{"all-reduce": 1}]
+    assert collectives in allowed, collectives
     updates, norms, param_norms, ratio, grad_norm = fn(place(grads), place(params))
 
     single = optaxclip.monitor(ord=ord, stacked=stacked)
