@@ -78,6 +78,14 @@ POLICIES = {
         {"inner": optax.identity(), "z_threshold": 3.0},
         scales=False,
     ),
+    # No clipping threshold: the initial scale stands in for one (updates are divided by it).
+    "loss_scale": Policy(
+        optaxclip.loss_scale,
+        "initial_scale",
+        {"inner": optax.identity(), "min_scale": 2.0**-8},
+        threshold_bounds_first_step=False,
+        scales=False,
+    ),
 }
 
 ALL = pytest.mark.parametrize("policy", list(POLICIES.values()), ids=list(POLICIES))
