@@ -196,6 +196,57 @@ def _real_power_sum_jvp(
     return out, jnp.sum(slope * t.astype(dtype), axis=axis, keepdims=axis is not None)
 
 
+def band_terms(
+    x: jax.Array, p: float, dtype: np.dtype, masked: bool, tiny: bool = True
+) -> dict[int, jax.Array]:
+    """The elementwise terms of each band one leaf reaches: |x · 2^shift|^p inside it, else 0.
+
+    Bands the leaf's dtype cannot reach have no term. The lowest band a leaf uses has
+    no lower limit and the highest no upper one. Unmasked, NaN (which fails every
+    comparison) lands in the middle band and inf in the top one, so both propagate;
+    masked, non-finite elements add nothing. With `tiny=False` the bands below the
+    middle are left out and tiny magnitudes are taken unscaled (their squares may
+    underflow to 0).
+    """
+    found, middle = bands(p, dtype)
+    used = [i for i in _leaf_bands(p, dtype, x) if tiny or i >= middle]
+    a = magnitude(x, dtype)
+    if masked:
+        a = jnp.where(jnp.isfinite(a), a, 0.0)
+    terms = {}
+    for i in used:
+        band = found[i]
+        # Limits as powers of two in `dtype`; only the inner ones are ever compared, and
+        # the outermost (2^1024 for float64) is not a Python float.
+        lo, hi = (
+            np.ldexp(np.asarray(1.0, dtype), e) if abs(e) < 1000 else 0.0
+            for e in (band.lo, band.hi)
+        )
+        low_check, high_check = i != used[0], i != used[-1]
+        if i == middle:
+            outside = jnp.zeros(a.shape, bool)
+            if low_check:
+                outside |= a < lo
+            if high_check:
+                outside |= a > hi
+            terms[i] = jnp.where(outside, 0.0, _pow(a, p))
+        else:
+            inside = jnp.ones(a.shape, bool)
+            if low_check:
+                inside &= a >= lo if i < middle else a > lo
+            if high_check:
+                inside &= a < hi if i < middle else a <= hi
+            terms[i] = jnp.where(inside, _pow(times_pow2(a, band.shift), p), 0.0)
+    return terms
+
+
+def _reduced_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
+    if axis is None:
+        return ()
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(1 if d in axes else n for d, n in enumerate(shape))
+
+
 def band_sums(
     x: jax.Array,
     p: float,
@@ -204,44 +255,39 @@ def band_sums(
     axis: Any = None,
     tiny: bool = True,
 ) -> list[jax.Array]:
-    """The band sums of one leaf over `axis`, one sibling reduction per band it can reach.
-
-    Bands the leaf's dtype cannot reach are zeros, not reductions. The lowest band a
-    leaf uses has no lower limit and the highest no upper one. Unmasked, NaN (which
-    fails every comparison) lands in the middle band and inf in the top one, so both
-    propagate; masked, non-finite elements add nothing. With `tiny=False` the bands
-    below the middle are left out and tiny magnitudes are summed unscaled (their
-    squares may underflow to 0).
-    """
-    found, middle = bands(p, dtype)
-    used = [i for i in _leaf_bands(p, dtype, x) if tiny or i >= middle]
-    a = magnitude(x, dtype)
-    if masked:
-        a = jnp.where(jnp.isfinite(a), a, 0.0)
+    """The band sums of one leaf over `axis`: one sibling reduction per band it reaches."""
+    found, _ = bands(p, dtype)
+    terms = band_terms(x, p, dtype, masked, tiny)
     keepdims = axis is not None
-    out = []
-    for i, band in enumerate(found):
-        if i not in used:
-            out.append(jnp.zeros_like(jnp.sum(a, axis=axis, keepdims=keepdims) * 0.0))
-            continue
-        lo, hi = 2.0**band.lo, 2.0**band.hi
-        low_check, high_check = i != used[0], i != used[-1]
-        if i == middle:
-            outside = jnp.zeros(a.shape, bool)
-            if low_check:
-                outside |= a < lo
-            if high_check:
-                outside |= a > hi
-            term = jnp.where(outside, 0.0, _pow(a, p))
-        else:
-            inside = jnp.ones(a.shape, bool)
-            if low_check:
-                inside &= a >= lo if i < middle else a > lo
-            if high_check:
-                inside &= a < hi if i < middle else a <= hi
-            term = jnp.where(inside, _pow(times_pow2(a, band.shift), p), 0.0)
-        out.append(jnp.sum(term, axis=axis, keepdims=keepdims))
-    return out
+    zeros = jnp.zeros(_reduced_shape(np.shape(x), axis), dtype)
+    return [
+        jnp.sum(terms[i], axis=axis, keepdims=keepdims) if i in terms else zeros
+        for i in range(len(found))
+    ]
+
+
+def _fused_band_sums(
+    x: jax.Array, p: float, dtype: np.dtype, masked: bool
+) -> tuple[list[jax.Array], jax.Array]:
+    """The band sums and the non-finite count of one leaf in one variadic reduction.
+
+    XLA:CPU fuses no sibling reductions, so there each band sum would be a pass and a
+    kernel of its own; one reduction with several accumulators is one of each.
+    """
+    found, _ = bands(p, dtype)
+    terms = band_terms(x, p, dtype, masked)
+    order = sorted(terms)
+    operands = (*(terms[i] for i in order), (~jnp.isfinite(x)).astype(jnp.int32))
+    inits = (*(jnp.zeros((), dtype) for _ in order), jnp.zeros((), jnp.int32))
+    sums = lax.reduce(
+        operands,
+        inits,
+        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+        tuple(range(np.ndim(x))),
+    )
+    zeros = jnp.zeros((), dtype)
+    by_band = dict(zip(order, sums[:-1], strict=True))
+    return [by_band.get(i, zeros) for i in range(len(found))], sums[-1]
 
 
 def combine_bands(acc: Sequence[jax.Array], p: float, dtype: np.dtype) -> jax.Array:
@@ -340,9 +386,17 @@ def _banded(
     dtype: np.dtype,
     counted: jax.Array | None,
     masked: bool,
+    fused: bool = False,
 ) -> Local:
-    """The branch-free measure: per leaf, independent sibling reductions, then per group."""
-    counts = _mask_rows(jnp.stack([_count(x) for x in arrays]), counted)
+    """The branch-free measure: per leaf, independent sibling reductions, then per group.
+
+    With `fused` the bands and the count of a leaf are one variadic reduction (for
+    XLA:CPU, which would otherwise give each its own pass).
+    """
+    fuse = fused and not math.isinf(p)
+    measured = [_fused_band_sums(x, p, dtype, masked) for x in arrays] if fuse else []
+    counts = jnp.stack([c for _, c in measured] if fuse else [_count(x) for x in arrays])
+    counts = _mask_rows(counts, counted)
     nonfinite = _segment(counts, seg, num, "sum").astype(jnp.int32)
     if math.isinf(p) or masked:
         nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
@@ -355,7 +409,10 @@ def _banded(
             tops.append(jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0))
         acc = _mask_rows(jnp.stack(tops)[:, None], counted)
         return Local(_segment(acc, seg, num, "max"), nonfinite, nan)
-    rows = jnp.stack([jnp.stack(band_sums(x, p, dtype, masked)) for x in arrays])
+    if fuse:
+        rows = jnp.stack([jnp.stack(sums) for sums, _ in measured])
+    else:
+        rows = jnp.stack([jnp.stack(band_sums(x, p, dtype, masked)) for x in arrays])
     acc = _segment(_mask_rows(rows, counted), seg, num, "sum")
     if not masked:
         nan = jnp.isnan(jnp.sum(acc, axis=1))
@@ -401,7 +458,9 @@ def _cpu(
         return Local(acc, jnp.zeros_like(totals, jnp.int32), jnp.zeros_like(totals, bool))
 
     return lax.cond(
-        jnp.all(trusted), common, lambda: _banded(arrays, seg, num, p, dtype, counted, masked)
+        jnp.all(trusted),
+        common,
+        lambda: _banded(arrays, seg, num, p, dtype, counted, masked, fused=True),
     )
 
 
@@ -421,7 +480,7 @@ class _ByPlatform:
     """
 
     def __init__(self, name: str, cpu: Callable[..., list[Any]], default: Callable[..., list[Any]]):
-        self.default = default
+        self.cpu, self.default = cpu, default
         self.prim = core.Primitive(name)
         self.prim.multiple_results = True
         self.prim.def_impl(self._impl)
@@ -446,7 +505,9 @@ class _ByPlatform:
         return self.prim.bind(*args, **params)
 
     def _impl(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
-        return _jitted(self.prim, tuple(sorted(params.items())))(*args)
+        # Reached eagerly only under `jax.disable_jit`: op by op, on the default backend.
+        chosen = self.cpu if jax.default_backend() == "cpu" else self.default
+        return chosen(*args, **params)
 
     def _abstract(self, *avals: Any, **params: Any) -> list[Any]:
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
@@ -478,11 +539,6 @@ class _ByPlatform:
         # An unbatched operand's dimension is None (`batching.not_mapped`), as vmap spells it.
         outs = jax.vmap(functools.partial(self.default, **params), in_axes=list(dims))(*args)
         return outs, [0] * len(outs)
-
-
-@functools.cache
-def _jitted(prim: Any, params: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
 
 
 def _group_args(flat: Sequence[jax.Array], has_counted: bool) -> tuple[list[Any], Any]:
@@ -549,7 +605,6 @@ def _local_group_norms(
     dtype: np.dtype,
     masked: bool,
 ) -> Local:
-    seg = np.asarray(segments, dtype=np.int32)
     width = 1 if math.isinf(p) else len(bands(p, dtype)[0])
     if not arrays:
         zeros = jnp.zeros([num], dtype)
