@@ -232,7 +232,14 @@ def loss_scale(
         # does not fuse producers into its reductions, writes the unscaled leaves once.
         unscaled = [_unscale(x, scale) for x in view.arrays]
         norms = _measure.group_norms(
-            unscaled, [0] * len(unscaled), 1, 2.0, view.dtype, plan.counted, plan.reducer(2.0)
+            unscaled,
+            [0] * len(unscaled),
+            1,
+            2.0,
+            view.dtype,
+            plan.counted,
+            plan.reducer(2.0),
+            masked=False,
         )
         count = norms.nonfinite[0]
         finite = count == 0
