@@ -164,7 +164,14 @@ def _global_policy(
         plan = _distributed.plan(view, axis_name, replicated, where)
         segments = [0] * len(view.arrays)
         norms = _measure.group_norms(
-            view.arrays, segments, 1, 2.0, view.dtype, plan.counted, plan.reducer(2.0)
+            view.arrays,
+            segments,
+            1,
+            2.0,
+            view.dtype,
+            plan.counted,
+            plan.reducer(2.0),
+            masked=mode == "zero",
         )
         used = (norms.finite if mode == "zero" else norms.norm)[0].astype(jnp.float32)
         threshold, candidate = decide(used, state)
@@ -514,7 +521,9 @@ def adagc(
                 f"initialised for {state.gamma.shape[0]}; init with the parameters' tree."
             )
         segments = list(range(leaves))
-        norms = _measure.group_norms(view.arrays, segments, leaves, 2.0, view.dtype)
+        norms = _measure.group_norms(
+            view.arrays, segments, leaves, 2.0, view.dtype, masked=mode == "zero"
+        )
         used = (norms.finite if mode == "zero" else norms.norm).astype(jnp.float32)
         total = _pipeline.total_norm(norms, 2.0, mode).astype(jnp.float32)
         warming = state.step_count < jnp.asarray(warmup_steps)

@@ -95,7 +95,9 @@ def clip_by_value(
     def update(updates: Any, state: ClipState, params: Any) -> tuple[Any, ClipState]:
         del params
         view = _tree.view(updates, where)
-        norms = _measure.group_norms(view.arrays, [0] * len(view.arrays), 1, math.inf, view.dtype)
+        norms = _measure.group_norms(
+            view.arrays, [0] * len(view.arrays), 1, math.inf, view.dtype, masked=False
+        )
         new = []
         for x in view.arrays:
             dtype = _tree.accumulation_dtype(x.dtype)
@@ -185,7 +187,14 @@ def clip_by_global_norm(
         plan = _distributed.plan(view, axis_name, replicated, where)
         segments = [0] * len(view.arrays)
         norms = _measure.group_norms(
-            view.arrays, segments, 1, p, view.dtype, plan.counted, plan.reducer(p)
+            view.arrays,
+            segments,
+            1,
+            p,
+            view.dtype,
+            plan.counted,
+            plan.reducer(p),
+            masked=mode == "zero",
         )
         bound = _pipeline.as_scalar(max_norm, view.dtype)[None]
         decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode, eps)
@@ -238,7 +247,9 @@ def clip_by_leaf_norm(
         view = _tree.view(updates, where)
         _distributed.refuse_unreduced(view, where)
         segments = list(range(len(view.arrays)))
-        norms = _measure.group_norms(view.arrays, segments, len(segments), p, view.dtype)
+        norms = _measure.group_norms(
+            view.arrays, segments, len(segments), p, view.dtype, masked=mode == "zero"
+        )
         bound = jnp.broadcast_to(_pipeline.as_scalar(max_norm, view.dtype), [len(segments)])
         decision = _pipeline.clip_groups(view, norms, segments, bound, p, mode, eps)
         return decision.updates, _record(state, decision)
@@ -361,7 +372,14 @@ def clip_by_group_norm(
             segments.append(index[leaf_label])
         plan = _distributed.plan(view, axis_name, replicated, where)
         norms = _measure.group_norms(
-            view.arrays, segments, len(names), p, view.dtype, plan.counted, plan.reducer(p)
+            view.arrays,
+            segments,
+            len(names),
+            p,
+            view.dtype,
+            plan.counted,
+            plan.reducer(p),
+            masked=mode == "zero",
         )
         if isinstance(max_norm, Mapping):
             bound = jnp.stack([_pipeline.as_scalar(max_norm[n], view.dtype) for n in names])
