@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "collectives": "benchmarks.collectives",
     "adaptive": "benchmarks.adaptive",
     "lowering": "benchmarks.lowering",
+    "per_example": "benchmarks.per_example",
     "monitor": "benchmarks.monitor",
 }
 

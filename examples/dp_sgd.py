@@ -73,8 +73,8 @@ def logits(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     # tanh rather than relu: bounded activations keep per-example gradients small,
     # so less of them is lost to clipping (Papernot et al. 2021).
     for layer in params[:-1]:
-        x = jnp.tanh(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+        x = jnp.tanh(x @ layer["w"] + layer["b"][None, :])
+    return x @ params[-1]["w"] + params[-1]["b"][None, :]
 
 
 def example_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
