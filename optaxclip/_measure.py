@@ -216,26 +216,22 @@ def band_terms(
     terms = {}
     for i in used:
         band = found[i]
-        # Limits as powers of two in `dtype`; only the inner ones are ever compared, and
-        # the outermost (2^1024 for float64) is not a Python float.
-        lo, hi = (
-            np.ldexp(np.asarray(1.0, dtype), e) if abs(e) < 1000 else 0.0
-            for e in (band.lo, band.hi)
-        )
         low_check, high_check = i != used[0], i != used[-1]
         if i == middle:
             outside = jnp.zeros(a.shape, bool)
             if low_check:
-                outside |= a < lo
+                outside |= a < 2.0**band.lo
             if high_check:
-                outside |= a > hi
+                outside |= a > 2.0**band.hi
             terms[i] = jnp.where(outside, 0.0, _pow(a, p))
         else:
             inside = jnp.ones(a.shape, bool)
+            # Only inner limits are compared: the outermost (2^1024 in float64) would
+            # not even be a Python float.
             if low_check:
-                inside &= a >= lo if i < middle else a > lo
+                inside &= a >= 2.0**band.lo if i < middle else a > 2.0**band.lo
             if high_check:
-                inside &= a < hi if i < middle else a <= hi
+                inside &= a < 2.0**band.hi if i < middle else a <= 2.0**band.hi
             terms[i] = jnp.where(inside, _pow(times_pow2(a, band.shift), p), 0.0)
     return terms
 
