@@ -12,9 +12,16 @@ scale-free policies (zclip, autoclip, quantile_clip, guard with a z-score)
 judge each norm against the history of norms and catch the spikes at every
 scale.
 
+Two thirds into the run the level shifts: the loss, and with it every gradient,
+becomes 10 times larger for good (a new phase of training, a change of loss
+weighting). A policy that judges norms against their history must learn the new
+level rather than treat every later step as a spike: guard skips the first steps
+after the shift, then applies steps again.
+
 The script prints the median (over seeds) of the final clean test loss for
-every policy and loss scale, and writes a PNG of loss and gradient-norm traces
-at loss scale 1e-3 with the clip and skip events marked.
+every policy and loss scale, the share of steps clipped or skipped, and the share
+of steps applied from 100 steps after the shift on; it writes a PNG of loss and
+gradient-norm traces at loss scale 1e-3 with the clip and skip events marked.
 """
 
 import argparse
@@ -32,6 +39,9 @@ import optaxclip
 SCALES = (1e-3, 1.0, 1e3)
 SPIKE_FACTOR = 300.0
 SPIKE_PROBABILITY = 0.01
+SHIFT_FACTOR = 10.0
+# Steps after the level shift before its share of applied steps is counted.
+SETTLE = 100
 DIM, HIDDEN, BATCH = 8, 32, 64
 
 
@@ -67,11 +77,17 @@ def init_mlp(key: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def shift_step(steps: int) -> int:
+    """The first step of the level shift."""
+    return 2 * steps // 3
+
+
 def make_trainer(
     wrap: Callable[[optax.GradientTransformation], Any], steps: int, learning_rate: float
 ) -> Callable[[jax.Array, jax.Array], dict[str, jax.Array]]:
     """Returns a jitted `train(seed_key, loss_scale)` that runs all steps in one `lax.scan`."""
     tx = wrap(optax.adam(learning_rate))
+    shift = shift_step(steps)
 
     def train(key: jax.Array, loss_scale: jax.Array) -> dict[str, jax.Array]:
         k_teacher, k_student, k_test, k_data = jax.random.split(key, 4)
@@ -80,15 +96,17 @@ def make_trainer(
         x_test = jax.random.normal(k_test, (512, DIM))
         y_test = mlp(teacher, x_test)
 
-        def step(carry: Any, key: jax.Array) -> Any:
+        def step(carry: Any, inputs: tuple[jax.Array, jax.Array]) -> Any:
             params, opt_state = carry
+            key, t = inputs
             k_x, k_spike = jax.random.split(key)
             x = jax.random.normal(k_x, (BATCH, DIM))
             spike = jax.random.uniform(k_spike) < SPIKE_PROBABILITY
             y = mlp(teacher, x) * jnp.where(spike, SPIKE_FACTOR, 1.0)
+            level = loss_scale * jnp.where(t >= shift, SHIFT_FACTOR, 1.0)
 
             def loss_fn(p: Any) -> jax.Array:
-                return loss_scale * jnp.mean(jnp.square(mlp(p, x) - y))
+                return level * jnp.mean(jnp.square(mlp(p, x) - y))
 
             grads = jax.grad(loss_fn)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -105,7 +123,8 @@ def make_trainer(
             }
             return (params, opt_state), trace
 
-        _, traces = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(k_data, steps))
+        inputs = (jax.random.split(k_data, steps), jnp.arange(steps))
+        _, traces = jax.lax.scan(step, (params, tx.init(params)), inputs)
         return traces
 
     return jax.jit(jax.vmap(train, in_axes=(0, None)))
@@ -154,16 +173,27 @@ def final_losses(results: dict[str, dict[float, dict[str, np.ndarray]]]) -> dict
     }
 
 
+def applied_after_shift(trace: dict[str, np.ndarray]) -> float:
+    """The share of steps applied (not skipped) from SETTLE steps after the shift on."""
+    start = shift_step(trace["skipped"].shape[-1]) + SETTLE
+    return float(np.mean(~trace["skipped"][..., start:]))
+
+
 def table(results: dict[str, dict[float, dict[str, np.ndarray]]]) -> str:
     losses = final_losses(results)
-    header = f"| policy | {' | '.join(f'loss scale {s:g}' for s in SCALES)} | clipped (scale 1) |"
-    lines = [header, "|---|" + "---:|" * len(SCALES) + "---:|"]
+    header = (
+        f"| policy | {' | '.join(f'loss scale {s:g}' for s in SCALES)} | clipped or skipped "
+        f"(scale 1) | applied {SETTLE}+ steps after the shift |"
+    )
+    lines = [header, "|---|" + "---:|" * len(SCALES) + "---:|---:|"]
     for name, row in losses.items():
         at_one = results[name][1.0]
         events = at_one["clipped"] | at_one["skipped"]
-        share = f"{float(np.mean(events)):.1%}" if at_one["reports"].all() else "not reported"
+        reports = at_one["reports"].all()
+        share = f"{float(np.mean(events)):.1%}" if reports else "not reported"
+        applied = f"{applied_after_shift(at_one):.1%}" if reports else "not reported"
         cells = " | ".join(f"{v:.4f}" for v in row)
-        lines.append(f"| {name} | {cells} | {share} |")
+        lines.append(f"| {name} | {cells} | {share} | {applied} |")
     return "\n".join(lines)
 
 
@@ -191,6 +221,17 @@ def plot(
             ax_norm.semilogy(
                 trace["threshold"][0], color=line.get_color(), lw=1, label=f"{name} threshold"
             )
+        quiet = np.flatnonzero(trace["skipped"][0] & ~trace["spike"][0])
+        if quiet.size:
+            ax_norm.scatter(
+                quiet,
+                trace["grad_norm"][0][quiet],
+                facecolors="none",
+                edgecolors=line.get_color(),
+                s=30,
+                marker="o",
+                label=f"{name}: skipped, no spike",
+            )
         events = np.flatnonzero(trace["spike"][0] & (trace["clipped"][0] | trace["skipped"][0]))
         if events.size == 0:
             continue
@@ -202,18 +243,35 @@ def plot(
             marker="x",
             label=f"{name}: spike clipped/skipped",
         )
+    for ax in (ax_loss, ax_norm):
+        ax.axvline(shift_step(reference["grad_norm"].shape[-1]), color="black", ls="--", lw=1)
     ax_loss.set_ylabel("clean test loss (seed 0)")
     ax_loss.set_title(f"Gradient spikes (targets x{SPIKE_FACTOR:g}) at loss scale {scale:g}")
     ax_loss.legend(fontsize=8, ncol=2)
     ax_norm.set_ylabel("norm")
-    ax_norm.set_xlabel("step (red bands: spike steps)")
+    ax_norm.set_xlabel("step (red bands: spike steps; dashed: the level shift, x10 for good)")
     ax_norm.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+def summary(results: dict[str, dict[float, dict[str, np.ndarray]]]) -> dict[str, dict[str, Any]]:
+    """Per policy: the final losses (one per loss scale) and, where the policy reports its
+    steps, the share applied after the shift at loss scale 1."""
+    losses = final_losses(results)
+    rows = {}
+    for name, by_scale in results.items():
+        at_one = by_scale[1.0]
+        reports = bool(at_one["reports"].all())
+        rows[name] = {
+            "final": losses[name],
+            "applied_after_shift": applied_after_shift(at_one) if reports else None,
+        }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, default=5)
@@ -231,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     if args.out:
         plot(results, args.out)
         print(f"\nwrote {args.out}")
-    return final_losses(results)
+    return summary(results)
 
 
 if __name__ == "__main__":

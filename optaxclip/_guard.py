@@ -184,7 +184,9 @@ def guard(
     value), so an isolated spike barely moves them while a lasting change of
     level is learned within tens of steps; a non-finite step or one over
     `max_norm` feeds nothing. So guard never stalls: after a permanent ×10 rise
-    of the norm it applies steps again some 50 steps later (α = 0.99, z = 4).
+    of the norm (5% noise, α = 0.99, z = 4) it applies steps again 52–56 steps
+    later. Right after the first steps of training, whose norms and losses are
+    often far above the later ones, σ is large until α forgets them.
 
     The inner transform's results are kept only for applied steps, so Adam's
     moments never see a NaN or a spike. After `max_consecutive` bad steps in a

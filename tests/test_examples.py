@@ -17,14 +17,18 @@ def test_quickstart_clips_the_spike_and_reports_it() -> None:
 def test_spike_robustness_separates_fixed_from_scale_free(tmp_path: Path) -> None:
     png = tmp_path / "spikes.png"
     only = ["--only", "optax clip 1.0", "zclip", "guard z=4"]
-    losses = load("spike_robustness.py").main(
-        ["--steps", "400", "--seeds", "1", "--out", str(png), *only]
+    rows = load("spike_robustness.py").main(
+        ["--steps", "1000", "--seeds", "1", "--out", str(png), *only]
     )
-    fixed_small, fixed_one, _ = losses["optax clip 1.0"]
+    fixed_small, fixed_one, _ = rows["optax clip 1.0"]["final"]
     assert fixed_small > 10 * fixed_one
     for name in ("zclip", "guard z=4"):
-        assert max(losses[name]) < 2 * min(losses[name])
-        assert losses[name][0] < fixed_small / 10
+        losses = rows[name]["final"]
+        assert max(losses) < 2 * min(losses)
+        assert losses[0] < fixed_small / 10
+    # After the level shift (x10 for good, at step 666) guard applies steps again.
+    assert rows["guard z=4"]["applied_after_shift"] >= 0.95
+    assert rows["optax clip 1.0"]["applied_after_shift"] is None
     assert png.stat().st_size > 10_000
 
 
@@ -38,4 +42,7 @@ def test_demo_smoke(tmp_path: Path) -> None:
         assert rows[name]["skipped"] >= 1
     assert rows["optaxclip zclip"]["clipped"] >= 1
     assert rows["no clipping"]["clipped"] is None
+    # After the level shift (x10 for good) guard applies steps again.
+    assert rows["optaxclip guard"]["applied_after_shift"] >= 0.9
+    assert rows["no clipping"]["applied_after_shift"] is None
     assert png.stat().st_size > 10_000
