@@ -93,23 +93,42 @@ def _leaf_bands(p: float, dtype: np.dtype, leaf: Any) -> list[int]:
     return [i for i, b in enumerate(found) if b.hi > smallest and b.lo < largest]
 
 
-def _opaque(value: float, dtype: Any) -> jax.Array:
-    """A constant XLA cannot fold into its neighbours.
-
-    XLA's simplifier rewrites (|x| · c)² as x² · c² and (x · c₁) · c₂ as x · (c₁c₂);
-    with c = 2^76, c² is inf in float32 and x² may underflow: 0 · inf = NaN. Behind
-    an optimization barrier the scale stays where the bands put it.
-    """
-    return lax.optimization_barrier(jnp.asarray(value, dtype))
-
-
 def times_pow2(x: jax.Array, exponent: float) -> jax.Array:
-    """x · 2^exponent, in steps that stay representable (2^-168 is not a float32)."""
-    while exponent < -100:
-        x, exponent = x * _opaque(2.0**-100, x.dtype), exponent + 100
-    while exponent > 100:
-        x, exponent = x * _opaque(2.0**100, x.dtype), exponent - 100
-    return x * _opaque(2.0**exponent, x.dtype) if exponent else x
+    """x · 2^exponent for scalars of partial sums, exact, whatever the size of `exponent`.
+
+    `ldexp` works on the exponent bits, so XLA's simplifier cannot fold it into its
+    neighbours (a product by a constant it would: (x · 2^-100) · 2^-68 becomes x · 0).
+    """
+    whole = math.floor(exponent)
+    y = jnp.ldexp(x, jnp.int32(whole)) if whole else x
+    return y * 2.0 ** (exponent - whole) if exponent != whole else y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _scaled(a: jax.Array, shift: int, dtype: np.dtype) -> jax.Array:
+    """a · 2^shift for the magnitudes of one band, by adding to the exponent bits.
+
+    A float product would not do: XLA's simplifier rewrites (a · c)² as a² · c², and
+    with c = 2^76 or 2^-84 that is 0 · inf = NaN in float32. Integer arithmetic on the
+    bits it leaves alone. Valid for normal numbers whose shifted exponent stays normal,
+    which the bands guarantee; zeros and subnormals (below a band scaled up) become 0
+    and infinities (in the top band) stay infinite.
+    """
+    info = np.finfo(dtype)
+    ints = jnp.int32 if info.bits == 32 else jnp.int64
+    bits = lax.bitcast_convert_type(a, ints) + ints(shift << int(info.nmant))
+    out = lax.bitcast_convert_type(bits, dtype)
+    if shift > 0:
+        return jnp.where(a >= info.tiny, out, jnp.zeros_like(out))
+    return jnp.where(jnp.isinf(a), a, out)
+
+
+@_scaled.defjvp
+def _scaled_jvp(
+    shift: int, dtype: np.dtype, primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    (a,), (t,) = primals, tangents
+    return _scaled(a, shift, dtype), t * jnp.asarray(2.0**shift, dtype)
 
 
 class Local(NamedTuple):
@@ -232,7 +251,7 @@ def band_terms(
                 inside &= a >= 2.0**band.lo if i < middle else a > 2.0**band.lo
             if high_check:
                 inside &= a < 2.0**band.hi if i < middle else a <= 2.0**band.hi
-            terms[i] = jnp.where(inside, _pow(times_pow2(a, band.shift), p), 0.0)
+            terms[i] = jnp.where(inside, _pow(_scaled(a, band.shift, dtype), p), 0.0)
     return terms
 
 
