@@ -193,7 +193,10 @@ def _sliced_norms(
         if len(owners) != flags.shape[0]:
             base = np.cumsum([0] + [len(leaves) for leaves in trees])
             flags = flags[np.asarray([base[t] + j for t, j in owners], dtype=np.int32)]
-    norms = _measure.group_norms(arrays, segments, slots[-1] * len(trees), p, dtype, flags, reducer)
+    # Only the NaN/inf-propagating norm is recorded, so the finite rest is not measured.
+    norms = _measure.group_norms(
+        arrays, segments, slots[-1] * len(trees), p, dtype, flags, reducer, masked=False
+    )
     entries = [norms.norm[t * slots[-1] : (t + 1) * slots[-1]] for t in range(len(trees))]
     return entries, jnp.sum(norms.nonfinite[: slots[-1]])
 
@@ -215,7 +218,9 @@ def _unit_and_group_norms(
             else:
                 arrays.append(x)
                 segments.append(t * len(flat_groups) + flat_index[g])
-    flat = _measure.group_norms(arrays, segments, len(flat_groups) * len(trees), p, dtype)
+    flat = _measure.group_norms(
+        arrays, segments, len(flat_groups) * len(trees), p, dtype, masked=False
+    )
     measured = _measure.unit_norms(units, unit_axes, dtype, rescue_tiny=True)
     per_layer = [n.reshape(n.shape[0]) for n in measured.norms]
     stacked_count = sum(layout.stacked)
@@ -224,11 +229,11 @@ def _unit_and_group_norms(
         by_group: dict[int, list[jax.Array]] = {}
         mine = per_layer[t * stacked_count : (t + 1) * stacked_count]
         leaf_groups = [g for g, f in zip(layout.segments, layout.stacked, strict=True) if f]
-        for g, n in zip(leaf_groups, mine, strict=True):
-            by_group.setdefault(g, []).append(n)
+        for g, norm in zip(leaf_groups, mine, strict=True):
+            by_group.setdefault(g, []).append(norm)
         pieces = []
-        for g, n in enumerate(layout.layers):
-            if n is None:
+        for g, layers in enumerate(layout.layers):
+            if layers is None:
                 pieces.append(flat.norm[t * len(flat_groups) + flat_index[g]][None])
             elif len(by_group[g]) == 1:
                 pieces.append(by_group[g][0])
@@ -342,8 +347,8 @@ def monitor(
                     f"{where}: group {group!r} of the updates was not among the groups at init "
                     f"({sorted(state.norms)}). Labels must not change between init and update."
                 )
-            want = np.shape(state.norms[group])
-            got = () if layout.layers[g] is None else (layout.layers[g],)
+            layers = layout.layers[g]
+            want, got = np.shape(state.norms[group]), () if layers is None else (layers,)
             if want != got:
 
                 def count(shape: tuple[int, ...]) -> str:

@@ -374,3 +374,172 @@ def test_integer_leaf_is_a_type_error_naming_its_path(policy: Policy) -> None:
     params = {**PARAMS, "count": jnp.zeros((2,), jnp.int32)}
     with pytest.raises(TypeError, match=r"leaf \['count'\] has dtype int32"):
         tx.update(grads, tx.init(params), params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms without a threshold (`monitor`): the same conventions, and the updates unchanged
+
+
+def stack_w(tree: dict[str, Any]) -> dict[str, Any]:
+    """Marks `w` stacked (its rows are layers), whatever else the tree holds."""
+    return {k: jax.tree.map(lambda _, k=k: k == "w", v) for k, v in tree.items()}
+
+
+IDENTITIES: dict[str, Callable[..., Any]] = {
+    "monitor": optaxclip.monitor,
+    "monitor_labels_l1": lambda **kw: optaxclip.monitor(labels, ord=1, **kw),
+    "monitor_stacked": lambda **kw: optaxclip.monitor(stacked=stack_w, **kw),
+    "monitor_stacked_inf": lambda **kw: optaxclip.monitor(stacked=stack_w, ord="inf", **kw),
+}
+IDENTITY = pytest.mark.parametrize("make", list(IDENTITIES.values()), ids=list(IDENTITIES))
+
+
+def assert_unchanged(updates: Any, out: Any) -> None:
+    assert jax.tree.structure(updates) == jax.tree.structure(out)
+    for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(out), strict=True):
+        assert x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+@IDENTITY
+def test_identity_changes_nothing_eager_or_jitted(make: Callable[..., Any]) -> None:
+    tx = make()
+    grads = make_tree(scale=3.0)
+    eager, eager_state = run(tx, grads)
+    jitted, jit_state = jax.jit(lambda g: run(tx, g))(grads)
+    assert_unchanged(grads, eager)
+    assert_unchanged(grads, jitted)
+    assert not bool(jit_state.clipped) and float(jit_state.grad_norm) > 0
+    assert_tree_close(eager_state.norms, jit_state.norms, rtol=1e-6)
+
+
+@IDENTITY
+def test_identity_no_recompile_donation_and_extra_args(make: Callable[..., Any]) -> None:
+    tx = make()
+    traces = []
+
+    def update(updates: Any, state: Any) -> Any:
+        traces.append(None)
+        return tx.update(updates, state, PARAMS, value=jnp.ones([]), unknown_flag=True)
+
+    step = jax.jit(update, donate_argnums=1)
+    state = tx.init(PARAMS)
+    for scale in (3.0, 0.1):
+        out, state = step(make_tree(scale=scale), state)
+    assert len(traces) == 1
+    assert_unchanged(make_tree(scale=0.1), out)
+    assert float(state.grad_norm) > 0
+
+
+@IDENTITY
+def test_identity_inject_hyperparams_multisteps_and_abstract_init(
+    make: Callable[..., Any],
+) -> None:
+    injected = optax.inject_hyperparams(lambda: make())()
+    _, state = injected.update(make_tree(scale=3.0), injected.init(PARAMS), PARAMS)
+    assert "grad_norm" in optaxclip.stats(state)
+    traced_ord = optax.inject_hyperparams(optaxclip.monitor)(ord=1)
+    with pytest.raises(TypeError, match=r"`ord`.*static_args=\('ord',\)"):
+        jax.jit(traced_ord.update)(make_tree(), traced_ord.init(PARAMS), PARAMS)
+
+    tx = optax.MultiSteps(optax.chain(make(), optax.sgd(1.0)), every_k_schedule=2)
+    state = tx.init(PARAMS)
+    g1, g2 = make_tree(scale=3.0), make_tree(scale=1.0)
+    for g in (g1, g2):
+        _, state = jax.jit(lambda g, s: tx.update(g, s, PARAMS))(g, state)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    _, want = run(make(), mean)
+    assert float(optaxclip.stats(state)["grad_norm"]) == pytest.approx(float(want.grad_norm))
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
+    assert jax.tree.structure(make().init(abstract)) == jax.tree.structure(make().init(PARAMS))
+
+
+@IDENTITY
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_identity_keeps_dtype_and_measures_in_float32(make: Callable[..., Any], dtype: Any) -> None:
+    tx = make()
+    grads = make_tree(dtype, scale=3.0)
+    out, state = run(tx, grads)
+    assert_unchanged(grads, out)
+    _, want = run(tx, jax.tree.map(lambda x: x.astype(jnp.float32), grads))
+    for field in ("norms", "param_norms", "ratio"):
+        for value in getattr(state, field).values():
+            assert value.dtype == jnp.float32
+        assert_tree_close(getattr(state, field), getattr(want, field), rtol=1e-6)
+    assert state.grad_norm.dtype == jnp.float32
+
+
+@IDENTITY
+def test_identity_float64_under_x64(make: Callable[..., Any]) -> None:
+    with jax.enable_x64(True):
+        grads = make_tree(jnp.float64, scale=3.0)
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), PARAMS)
+        out, state = run(make(), grads, params)
+        assert_unchanged(grads, out)
+        assert state.grad_norm.dtype == jnp.float32
+        assert all(v.dtype == jnp.float32 for v in state.norms.values())
+
+
+@IDENTITY
+def test_identity_empty_none_masked_and_float0_leaves(make: Callable[..., Any]) -> None:
+    tx = make()
+    out, state = tx.update({}, tx.init({}), {})
+    assert out == {} and float(state.grad_norm) == 0
+    grads = {
+        **make_tree(scale=3.0),
+        "frozen": None,
+        "masked": optax.MaskedNode(),
+        "step": np.zeros((2,), jax.dtypes.float0),
+    }
+    params = {**PARAMS, "frozen": None, "masked": optax.MaskedNode(), "step": jnp.zeros(2, int)}
+    out, state = tx.update(grads, tx.init(params), params)
+    assert out["frozen"] is None and isinstance(out["masked"], optax.MaskedNode)
+    assert out["step"].dtype == jax.dtypes.float0
+    _, want = run(tx, make_tree(scale=3.0))
+    assert_tree_close(state.norms, want.norms, rtol=0)
+
+
+@IDENTITY
+def test_identity_zero_gradients_and_gradient_through_its_stats(make: Callable[..., Any]) -> None:
+    tx = make()
+    zeros = jax.tree.map(jnp.zeros_like, make_tree())
+    _, state = jax.jit(lambda g: run(tx, g))(zeros)
+    assert float(state.grad_norm) == 0
+    for field in ("norms", "ratio"):
+        assert all(not np.any(np.asarray(v)) for v in getattr(state, field).values())
+
+    def loss(grads: Any) -> jax.Array:
+        _, state = run(tx, grads)
+        return state.grad_norm + sum(jnp.sum(v) for v in state.ratio.values())
+
+    for grads in (zeros, make_tree(scale=3.0)):
+        g = jax.jit(jax.grad(loss))(grads)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
+@IDENTITY
+def test_identity_counts_nonfinite_and_keeps_the_state_fields(make: Callable[..., Any]) -> None:
+    tx = make(name="mine")
+    grads = make_tree(scale=3.0)
+    grads["w"] = grads["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+    grads["b"] = grads["b"].at[2].set(-jnp.inf)
+    out, state = jax.jit(lambda g: run(tx, g))(grads)
+    assert_unchanged(grads, out)
+    assert int(state.nonfinite) == 3 and math.isnan(float(state.grad_norm))
+    assert state.name.value == "mine"
+    assert state.clipped.dtype == jnp.bool_ and state.nonfinite.dtype == jnp.int32
+    found = optaxclip.stats(optax.chain(optax.identity(), tx).init(PARAMS))
+    assert {"grad_norm", "clipped", "nonfinite"} <= set(found)
+    assert any(k.startswith("norms/") for k in found)
+    assert float(optax.tree.get(state, "nonfinite")) == 3
+    with pytest.raises(TypeError):
+        optaxclip.monitor(None, "positional")
+
+
+@IDENTITY
+def test_identity_integer_leaf_is_a_type_error_naming_its_path(make: Callable[..., Any]) -> None:
+    tx = make()
+    grads = {**make_tree(), "count": jnp.zeros((2,), jnp.int32)}
+    params = {**PARAMS, "count": jnp.zeros((2,), jnp.int32)}
+    with pytest.raises(TypeError, match=r"leaf \['count'\] has dtype int32"):
+        tx.update(grads, tx.init(params), params)
