@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optaxclip import _measure, _tree
@@ -180,17 +181,23 @@ def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measu
     For a finite order the band sums, the non-finite counts (as base-256 digits)
     and the NaN flags travel as one float array of O(groups) values through a
     single `psum`: the band sums add without overflow, the digits add exactly,
-    and NaN is never sent. For the max-norm, maxima do not add: each device's
-    record is gathered (one small record per device) and combined locally.
+    and NaN is never sent. For the max-norm and orders above about 3.5 (measured
+    with a running scale), maxima do not add: each device's record is gathered
+    (one small record per device) and combined locally.
     """
     dtype = local.acc.dtype
     width = local.acc.shape[1]
     record = jnp.concatenate(
         [local.acc, _digits(local.nonfinite, dtype), local.nan.astype(dtype)[:, None]], axis=1
     )
-    if math.isinf(p):
+    if not _measure.is_banded(p, dtype):
         rows = lax.all_gather(record, axes)
-        acc = jnp.max(rows[..., :width], axis=0)
+        if math.isinf(p):
+            acc = jnp.max(rows[..., :width], axis=0)
+        else:
+            devices, groups = rows.shape[0], rows.shape[1]
+            flat = rows[..., :width].reshape(devices * groups, width)
+            acc = _measure.merge_scaled(flat, np.tile(np.arange(groups), devices), groups, p)
         rest = jnp.sum(rows[..., width:], axis=0)
     else:
         total = lax.psum(record, axes)

@@ -85,6 +85,73 @@ def bands(p: float, dtype: np.dtype) -> tuple[tuple[Band, ...], int]:
     return (*reversed(lower), middle, *upper), len(lower)
 
 
+def is_banded(p: float, dtype: np.dtype) -> bool:
+    """Whether the p-norm is measured in fixed-scale bands (else: a running scale, or the max).
+
+    The bands serve the orders users clip with, 1 and 2 (three bands at most). Other
+    orders would need ever more (p = 100: 254), and take a running scale instead.
+    """
+    del dtype
+    return p in (1.0, 2.0)
+
+
+def width(p: float, dtype: np.dtype) -> int:
+    """Values per group in the measure's record: the bands, (max, scaled sum), or the max."""
+    if math.isinf(p):
+        return 1
+    return len(bands(p, dtype)[0]) if is_banded(p, dtype) else 2
+
+
+def _ratio(m: jax.Array, top: jax.Array, p: float) -> jax.Array:
+    """(m / top)^p for 0 <= m <= top, and 0 where top is 0 (finite gradients there)."""
+    positive = top > 0
+    return jnp.where(positive, (m / jnp.where(positive, top, 1.0)) ** p, 0.0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _running_scale(x: jax.Array, p: float, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """(M, S) with M the largest finite magnitude and S = sum((|x| / M)^p), in one reduction.
+
+    For high orders, where fixed bands would be too many: the pairwise combination
+    rescales to the larger maximum, so nothing overflows and what underflows is
+    negligible. Non-finite elements add nothing.
+    """
+    a = magnitude(x, dtype)
+    a = jnp.where(jnp.isfinite(a), a, 0.0)
+
+    def combine(u: tuple[jax.Array, jax.Array], v: tuple[jax.Array, jax.Array]) -> Any:
+        top = jnp.maximum(u[0], v[0])
+        return top, u[1] * _ratio(u[0], top, p) + v[1] * _ratio(v[0], top, p)
+
+    init = (jnp.zeros((), dtype), jnp.zeros((), dtype))
+    ones = jnp.where(a > 0, 1.0, 0.0).astype(dtype)
+    return lax.reduce((a, ones), init, combine, tuple(range(np.ndim(x))))
+
+
+@_running_scale.defjvp
+def _running_scale_jvp(
+    p: float, dtype: np.dtype, primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[Any, Any]:
+    # The norm M · S^(1/p) does not depend on which M scales it, so M may be held
+    # fixed: its tangent is 0 and S's is that of sum((|x| / M)^p) at fixed M, exactly.
+    (x,), (t,) = primals, tangents
+    top, total = _running_scale(x, p, dtype)
+
+    def scaled_sum(y: jax.Array) -> jax.Array:
+        a = magnitude(y, dtype)
+        return jnp.sum(_ratio(jnp.where(jnp.isfinite(a), a, 0.0), top, p))
+
+    _, d_total = jax.jvp(scaled_sum, (x,), (t,))
+    return (top, total), (jnp.zeros_like(top), d_total)
+
+
+def merge_scaled(rows: jax.Array, segments: Any, num: int, p: float) -> jax.Array:
+    """Per-group (M, S) from per-row (M, S) pairs, `[rows, 2]` -> `[num, 2]`."""
+    top = _segment(rows[:, 0], segments, num, "max")
+    rescaled = rows[:, 1] * _ratio(rows[:, 0], top[np.asarray(segments, np.int32)], p)
+    return jnp.stack([top, _segment(rescaled, segments, num, "sum")], axis=1)
+
+
 def _leaf_bands(p: float, dtype: np.dtype, leaf: Any) -> list[int]:
     """Indices of the bands that magnitudes of `leaf`'s dtype can fall into."""
     info = np.finfo(jnp.finfo(leaf).dtype)
@@ -408,7 +475,7 @@ def _banded(
     With `fused` the bands and the count of a leaf are one variadic reduction (for
     XLA:CPU, which would otherwise give each its own pass).
     """
-    fuse = fused and not math.isinf(p)
+    fuse = fused and is_banded(p, dtype)
     measured = [_fused_band_sums(x, p, dtype, masked) for x in arrays] if fuse else []
     counts = jnp.stack([c for _, c in measured] if fuse else [_count(x) for x in arrays])
     counts = _mask_rows(counts, counted)
@@ -424,6 +491,12 @@ def _banded(
             tops.append(jnp.max(jnp.where(jnp.isfinite(a), a, 0.0), initial=0.0))
         acc = _mask_rows(jnp.stack(tops)[:, None], counted)
         return Local(_segment(acc, seg, num, "max"), nonfinite, nan)
+    if not is_banded(p, dtype):
+        rows = _mask_rows(
+            jnp.stack([jnp.stack(_running_scale(x, p, dtype)) for x in arrays]), counted
+        )
+        nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
+        return Local(merge_scaled(rows, seg, num, p), nonfinite, _segment(nans, seg, num, "max"))
     if fuse:
         rows = jnp.stack([jnp.stack(sums) for sums, _ in measured])
     else:
@@ -456,7 +529,13 @@ def _cpu(
     counted: jax.Array | None,
     masked: bool,
 ) -> Local:
-    """One plain pass, trusted when safe; otherwise the bands, under one `lax.cond`."""
+    """One plain pass, trusted when safe; otherwise the bands, under one `lax.cond`.
+
+    Orders other than 1, 2 and inf are one running-scale pass on every platform: the
+    record then holds (M, S), which a plain sum cannot give.
+    """
+    if not math.isinf(p) and not is_banded(p, dtype):
+        return _banded(arrays, seg, num, p, dtype, counted, masked)
     partials = _mask_rows(jnp.stack([power_sum(x, p, dtype) for x in arrays]), counted)
     totals = _segment(partials, seg, num, "max" if math.isinf(p) else "sum")
     if math.isinf(p):
@@ -464,12 +543,16 @@ def _cpu(
     else:
         hi_safe = int(np.finfo(dtype).maxexp) - HEADROOM
         trusted = jnp.isfinite(totals) & (totals >= TINY) & (totals <= 2.0**hi_safe)
-    found, middle = ((Band(0, 0, 0),), 0) if math.isinf(p) else bands(p, dtype)
-    width = len(found)
+    # The record holds the plain sum where the measure would: in the middle band, or as
+    # the scaled sum S of (M, S) = (1, total), or as the max.
+    slot = bands(p, dtype)[1] if is_banded(p, dtype) else (1 if not math.isinf(p) else 0)
+    size = width(p, dtype)
 
     def common() -> Local:
         # zeros_like keeps the totals' varying mesh axes, as the bands' outputs have them.
-        acc = jnp.zeros_like(totals, shape=(num, width)).at[:, middle].set(totals)
+        acc = jnp.zeros_like(totals, shape=(num, size)).at[:, slot].set(totals)
+        if slot == 1 and size == 2:
+            acc = acc.at[:, 0].set(jnp.ones_like(totals))
         return Local(acc, jnp.zeros_like(totals, jnp.int32), jnp.zeros_like(totals, bool))
 
     return lax.cond(
@@ -620,10 +703,11 @@ def _local_group_norms(
     dtype: np.dtype,
     masked: bool,
 ) -> Local:
-    width = 1 if math.isinf(p) else len(bands(p, dtype)[0])
     if not arrays:
         zeros = jnp.zeros([num], dtype)
-        return Local(jnp.zeros([num, width], dtype), jnp.zeros([num], jnp.int32), zeros > 0)
+        return Local(
+            jnp.zeros([num, width(p, dtype)], dtype), jnp.zeros([num], jnp.int32), zeros > 0
+        )
     flat = [*arrays, counted] if counted is not None else arrays
     acc, nonfinite, nan = _GROUP_NORMS(
         *flat,
@@ -639,11 +723,13 @@ def _local_group_norms(
 
 def finish(local: Local, p: float) -> Norms:
     """The norms from reduced partials: the root, taken once, and NaN/inf as counted."""
+    dtype = np.dtype(local.acc.dtype)
     if math.isinf(p):
         finite = local.acc[:, 0]
-    else:
-        dtype = np.dtype(local.acc.dtype)
+    elif is_banded(p, dtype):
         finite = combine_bands(list(local.acc.T), p, dtype)
+    else:
+        finite = local.acc[:, 0] * safe_root(local.acc[:, 1], p)
     inf = local.nonfinite > 0
     norm = jnp.where(local.nan, jnp.nan, jnp.where(inf, jnp.inf, finite))
     return Norms(norm=norm, finite=finite, nonfinite=local.nonfinite.astype(jnp.int32))
