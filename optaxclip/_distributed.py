@@ -183,7 +183,7 @@ def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measu
     single `psum`: the band sums add without overflow, the digits add exactly,
     and NaN is never sent. For the max-norm and orders above about 3.5 (measured
     with a running scale), maxima do not add: each device's record is gathered
-    (one small record per device) and combined locally.
+    (one small record per device, through the same single psum) and combined locally.
     """
     dtype = local.acc.dtype
     width = local.acc.shape[1]
@@ -191,7 +191,11 @@ def all_reduce(local: _measure.Local, axes: tuple[str, ...], p: float) -> _measu
         [local.acc, _digits(local.nonfinite, dtype), local.nan.astype(dtype)[:, None]], axis=1
     )
     if not _measure.is_banded(p, dtype):
-        rows = lax.all_gather(record, axes)
+        # Each device writes its record into its own row and a psum hands every device
+        # every row: unlike an all-gather's, a psum's result is typed invariant.
+        size = lax.axis_size(axes)
+        rows = jnp.zeros((size, *record.shape), dtype).at[lax.axis_index(axes)].set(record)
+        rows = lax.psum(rows, axes)
         if math.isinf(p):
             acc = jnp.max(rows[..., :width], axis=0)
         else:

@@ -495,8 +495,10 @@ def _banded(
         rows = _mask_rows(
             jnp.stack([jnp.stack(_running_scale(x, p, dtype)) for x in arrays]), counted
         )
-        nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
-        return Local(merge_scaled(rows, seg, num, p), nonfinite, _segment(nans, seg, num, "max"))
+        if not masked:
+            nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
+            nan = _segment(nans, seg, num, "max")
+        return Local(merge_scaled(rows, seg, num, p), nonfinite, nan)
     if fuse:
         rows = jnp.stack([jnp.stack(sums) for sums, _ in measured])
     else:

@@ -161,10 +161,15 @@ def test_per_leaf_reductions_are_independent_siblings(ord: float, masked: bool) 
         reads_reduced = any(
             v in tainted for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)
         )
-        if eqn.primitive.name in REDUCTIONS and eqn.invars[0].aval.shape == leaf.shape:
+        # A custom-JVP call from a whole leaf to scalars is a reduction too.
+        scalar_call = eqn.primitive.name == "custom_jvp_call" and all(
+            v.aval.shape == () for v in eqn.outvars
+        )
+        reduces = eqn.primitive.name in REDUCTIONS or scalar_call
+        if reduces and eqn.invars[0].aval.shape == leaf.shape:
             over_leaf += 1
             assert not reads_reduced, f"a reduction over the leaf reads a reduced value: {eqn}"
-        if reads_reduced or eqn.primitive.name in REDUCTIONS:
+        if reads_reduced or reduces:
             tainted.update(eqn.outvars)
     # A reduction per band the leaf reaches (or one max, or one running-scale reduction
     # for other orders), the non-finite count, and a NaN flag where the bands do not
