@@ -286,7 +286,14 @@ def guard(
         view = _tree.view(updates, where)
         plan = _distributed.plan(view, axis_name, replicated, where)
         norms = _measure.group_norms(
-            view.arrays, [0] * len(view.arrays), 1, 2.0, view.dtype, plan.counted, plan.reducer(2.0)
+            view.arrays,
+            [0] * len(view.arrays),
+            1,
+            2.0,
+            view.dtype,
+            plan.counted,
+            plan.reducer(2.0),
+            masked=False,
         )
         norm = norms.norm[0].astype(jnp.float32)
         count = norms.nonfinite[0]
