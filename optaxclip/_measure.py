@@ -579,8 +579,14 @@ class _ByPlatform:
     go through `default`, which is branch-free.
     """
 
-    def __init__(self, name: str, cpu: Callable[..., list[Any]], default: Callable[..., list[Any]]):
-        self.cpu, self.default = cpu, default
+    def __init__(
+        self,
+        name: str,
+        cpu: Callable[..., list[Any]],
+        default: Callable[..., list[Any]],
+        shapes: Callable[..., list[tuple[tuple[int, ...], Any]]],
+    ):
+        self.cpu, self.default, self.shapes = cpu, default, shapes
         self.prim = core.Primitive(name)
         self.prim.multiple_results = True
         self.prim.def_impl(self._impl)
@@ -610,17 +616,17 @@ class _ByPlatform:
         return chosen(*args, **params)
 
     def _abstract(self, *avals: Any, **params: Any) -> list[Any]:
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-        outs = jax.eval_shape(functools.partial(self.default, **params), *structs)
+        # The output types are computed, not traced: tracing `default` here would double
+        # the trace time of every step.
         like = avals[0]
         return [
             like.update(
-                shape=o.shape,
-                dtype=o.dtype,
+                shape=shape,
+                dtype=np.dtype(dtype),
                 weak_type=False,
                 sharding=like.sharding.update(spec=PartitionSpec()),
             )
-            for o in outs
+            for shape, dtype in self.shapes(*avals, **params)
         ]
 
     def _jvp(
@@ -655,7 +661,14 @@ def _group_default(*flat: jax.Array, has_counted: bool, **params: Any) -> list[j
     return list(_banded(arrays, counted=counted, **params))
 
 
-_GROUP_NORMS = _ByPlatform("optaxclip_group_partials", _group_cpu, _group_default)
+def _group_shapes(
+    *avals: Any, num: int, p: float, dtype: np.dtype, **params: Any
+) -> list[tuple[tuple[int, ...], Any]]:
+    del avals, params
+    return [((num, width(p, dtype)), dtype), ((num,), np.int32), ((num,), np.bool_)]
+
+
+_GROUP_NORMS = _ByPlatform("optaxclip_group_partials", _group_cpu, _group_default, _group_shapes)
 
 
 def local_group_norms(
@@ -850,7 +863,17 @@ def _unit_flat(fn: Callable[..., UnitNorms]) -> Callable[..., list[jax.Array]]:
     return flat
 
 
-_UNIT_NORMS = _ByPlatform("optaxclip_unit_norms", _unit_flat(_unit_cpu), _unit_flat(_unit_banded))
+def _unit_shapes(
+    *avals: Any, axes: tuple[tuple[int, ...], ...], dtype: np.dtype, **params: Any
+) -> list[tuple[tuple[int, ...], Any]]:
+    del params
+    norms = [(_reduced_shape(a.shape, ax), dtype) for a, ax in zip(avals, axes, strict=True)]
+    return [*norms, ((len(avals),), np.int32)]
+
+
+_UNIT_NORMS = _ByPlatform(
+    "optaxclip_unit_norms", _unit_flat(_unit_cpu), _unit_flat(_unit_banded), _unit_shapes
+)
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "dtype", "rescue_tiny"))
