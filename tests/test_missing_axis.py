@@ -55,6 +55,8 @@ NORM_BASED: dict[str, Callable[[], Measure]] = {
     "guard(clip_by_global_norm)": lambda: _update(
         optaxclip.guard(optaxclip.clip_by_global_norm(1.0))
     ),
+    "monitor": lambda: _update(optaxclip.monitor()),
+    "loss_scale": lambda: _update(optaxclip.loss_scale(optax.sgd(0.1), initial_scale=4.0)),
 }
 
 SPECS = {"w": P("d"), "b": P()}
