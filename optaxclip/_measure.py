@@ -348,30 +348,6 @@ def band_sums(
     ]
 
 
-def _fused_band_sums(
-    x: jax.Array, p: float, dtype: np.dtype, masked: bool
-) -> tuple[list[jax.Array], jax.Array]:
-    """The band sums and the non-finite count of one leaf in one variadic reduction.
-
-    XLA:CPU fuses no sibling reductions, so there each band sum would be a pass and a
-    kernel of its own; one reduction with several accumulators is one of each.
-    """
-    found, _ = bands(p, dtype)
-    terms = band_terms(x, p, dtype, masked)
-    order = sorted(terms)
-    operands = (*(terms[i] for i in order), (~jnp.isfinite(x)).astype(jnp.int32))
-    inits = (*(jnp.zeros((), dtype) for _ in order), jnp.zeros((), jnp.int32))
-    sums = lax.reduce(
-        operands,
-        inits,
-        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
-        tuple(range(np.ndim(x))),
-    )
-    zeros = jnp.zeros((), dtype)
-    by_band = dict(zip(order, sums[:-1], strict=True))
-    return [by_band.get(i, zeros) for i in range(len(found))], sums[-1]
-
-
 def combine_bands(acc: Sequence[jax.Array], p: float, dtype: np.dtype) -> jax.Array:
     """The p-norm from band sums (finite, >= 0), elementwise: rooted once, at the top band."""
     found, _ = bands(p, dtype)
@@ -468,17 +444,9 @@ def _banded(
     dtype: np.dtype,
     counted: jax.Array | None,
     masked: bool,
-    fused: bool = False,
 ) -> Local:
-    """The branch-free measure: per leaf, independent sibling reductions, then per group.
-
-    With `fused` the bands and the count of a leaf are one variadic reduction (for
-    XLA:CPU, which would otherwise give each its own pass).
-    """
-    fuse = fused and is_banded(p, dtype)
-    measured = [_fused_band_sums(x, p, dtype, masked) for x in arrays] if fuse else []
-    counts = jnp.stack([c for _, c in measured] if fuse else [_count(x) for x in arrays])
-    counts = _mask_rows(counts, counted)
+    """The branch-free measure: per leaf, independent sibling reductions, then per group."""
+    counts = _mask_rows(jnp.stack([_count(x) for x in arrays]), counted)
     nonfinite = _segment(counts, seg, num, "sum").astype(jnp.int32)
     if math.isinf(p) or masked:
         nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
@@ -499,10 +467,7 @@ def _banded(
             nans = _mask_rows(jnp.stack([jnp.any(jnp.isnan(x)) for x in arrays]), counted)
             nan = _segment(nans, seg, num, "max")
         return Local(merge_scaled(rows, seg, num, p), nonfinite, nan)
-    if fuse:
-        rows = jnp.stack([jnp.stack(sums) for sums, _ in measured])
-    else:
-        rows = jnp.stack([jnp.stack(band_sums(x, p, dtype, masked)) for x in arrays])
+    rows = jnp.stack([jnp.stack(band_sums(x, p, dtype, masked)) for x in arrays])
     acc = _segment(_mask_rows(rows, counted), seg, num, "sum")
     if not masked:
         nan = jnp.isnan(jnp.sum(acc, axis=1))
@@ -560,7 +525,7 @@ def _cpu(
     return lax.cond(
         jnp.all(trusted),
         common,
-        lambda: _banded(arrays, seg, num, p, dtype, counted, masked, fused=True),
+        lambda: _banded(arrays, seg, num, p, dtype, counted, masked),
     )
 
 
