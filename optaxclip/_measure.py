@@ -103,9 +103,15 @@ def width(p: float, dtype: np.dtype) -> int:
 
 
 def _ratio(m: jax.Array, top: jax.Array, p: float) -> jax.Array:
-    """(m / top)^p for 0 <= m <= top, and 0 where top is 0 (finite gradients there)."""
+    """(m / top)^p for 0 <= m <= top, and 0 where top is 0 (finite gradients there).
+
+    Both are first scaled by the power of two that brings `top` into [1, 2): XLA:CPU
+    divides by way of the reciprocal, and 1 / 1e38 flushes to zero.
+    """
     positive = top > 0
-    return jnp.where(positive, (m / jnp.where(positive, top, 1.0)) ** p, 0.0)
+    safe = jnp.where(positive, top, 1.0)
+    down = lax.stop_gradient(_binary_scales(safe)[0])
+    return jnp.where(positive, ((m * down) / (safe * down)) ** p, 0.0)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
