@@ -45,14 +45,9 @@ def normalize_axis_name(axis_name: Any, where: str) -> tuple[str, ...] | None:
     return names
 
 
-def _varying(x: Any) -> frozenset[str]:
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return frozenset(getattr(manual, "varying", ()))
-
-
 def _vma_checked(axes: tuple[str, ...]) -> bool:
     """Whether we are under `shard_map` with varying-axis types (not `pmap`)."""
-    return bool(_varying(lax.axis_index(axes)))
+    return bool(_measure.varying_axes(lax.axis_index(axes)))
 
 
 def _mesh_axes() -> frozenset[str]:
@@ -92,7 +87,7 @@ def refuse_unreduced(view: _tree.TreeView, where: str, axes: tuple[str, ...] = (
     if not unnamed:
         return
     for i in view.active:
-        stray = sorted(_varying(view.leaves[i]) & unnamed)
+        stray = sorted(_measure.varying_axes(view.leaves[i]) & unnamed)
         if not stray:
             continue
         leaf = jax.tree_util.keystr(view.paths[i]) or "<root>"
@@ -143,7 +138,7 @@ def plan(view: _tree.TreeView, axis_name: Any, replicated: Any, where: str) -> P
     for i in view.active:
         x, mark = view.leaves[i], marks[i]
         if checked:
-            varying = _varying(x)
+            varying = _measure.varying_axes(x)
             invariant = [a for a in axes if a not in varying]
             if mark is True:
                 invariant = list(axes)

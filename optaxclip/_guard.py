@@ -114,11 +114,6 @@ def _feed(stats: _Stats, feed: jax.Array, x: jax.Array, excess: jax.Array, alpha
     )
 
 
-def _varying(x: Any) -> frozenset[str]:
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return frozenset(getattr(manual, "varying", ()))
-
-
 def _read_loss(extra_args: dict[str, Any], required: bool, where: str) -> jax.Array | None:
     """The step's loss from the extra arguments (`value` first), checked at trace time."""
     given = [extra_args[k] for k in LOSS_ARGS if extra_args.get(k) is not None]
@@ -137,7 +132,7 @@ def _read_loss(extra_args: dict[str, Any], required: bool, where: str) -> jax.Ar
             f"{where}: the loss (extra argument `value` or `loss`) must be a scalar, got shape "
             f"{loss.shape}. Pass the mean loss of the step."
         )
-    stray = sorted(_varying(loss))
+    stray = sorted(_measure.varying_axes(loss))
     if stray:
         raise ValueError(
             f"{where}: the loss varies over mesh axis {stray[0]!r}, so each device would decide "

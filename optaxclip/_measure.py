@@ -535,7 +535,8 @@ def _cpu(
     )
 
 
-def _varying(x: Any) -> frozenset[str]:
+def varying_axes(x: Any) -> frozenset[str]:
+    """The manual mesh axes `x` varies over under `shard_map` (none elsewhere)."""
     manual = getattr(jax.typeof(x), "manual_axis_type", None)
     return frozenset(getattr(manual, "varying", ()))
 
@@ -572,10 +573,10 @@ class _ByPlatform:
     def __call__(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
         # Under shard_map every operand gets the union of their varying axes, so the
         # outputs can take the type of the first one (a no-op at run time).
-        varying = frozenset().union(*(_varying(x) for x in args))
+        varying = frozenset().union(*(varying_axes(x) for x in args))
         args = tuple(
-            lax.pcast(x, tuple(sorted(varying - _varying(x))), to="varying")
-            if varying - _varying(x)
+            lax.pcast(x, tuple(sorted(varying - varying_axes(x))), to="varying")
+            if varying - varying_axes(x)
             else x
             for x in args
         )
